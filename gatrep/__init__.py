@@ -1,0 +1,1 @@
+"""gatrep: image categorization and search with a graph attention autoencoder and representative models."""

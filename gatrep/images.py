@@ -1,0 +1,167 @@
+"""Safe image reading and decoding: every failure becomes a status and a message, never an exception."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import math
+import warnings
+
+import fsspec
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from gatrep import schemas
+
+# Formats decoded. Anything else Pillow recognises (EPS, PDF, PSD, ICNS, ...) is refused by name.
+SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "AVIF"})
+
+# Image formats Pillow cannot identify but that are clearly images: refused as unsupported, not
+# as "not an image". Checked against the first bytes of the file.
+_SIGNATURES = (
+    (lambda head: head[4:12] in (b"ftypheic", b"ftypheix", b"ftypheif", b"ftypmif1", b"ftyphevc"), "HEIC/HEIF"),
+    (lambda head: head.startswith(b"\xff\x0a") or head[4:8] == b"JXL ", "JPEG XL"),
+    (lambda head: b"<svg" in head[:512].lower(), "SVG"),
+)
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey image
+_ORIENTATION = 0x0112  # the EXIF tag
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """How a backbone wants its input: a `size`x`size` centre crop covering `crop_fraction` of the
+    shorter side (0.875 = torchvision's resize-256/crop-224), in `mode` RGB or L."""
+
+    size: int
+    crop_fraction: float = 0.875
+    mode: str = "RGB"
+    resample: int = Image.Resampling.BILINEAR
+
+    @property
+    def channels(self) -> int:
+        return 3 if self.mode == "RGB" else 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoded:
+    """The outcome for one file. `pixels` is uint8 [size, size, channels] when status is ok."""
+
+    status: str
+    error: str | None = None
+    width: int | None = None
+    height: int | None = None
+    pixels: np.ndarray | None = None
+
+
+class _Refused(Exception):
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def content_id(data: bytes) -> str:
+    """The image_id of a file: a 128-bit BLAKE2b hash of its bytes, as hex."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def read_file(uri: str, max_bytes: int) -> tuple[bytes | None, Decoded | None]:
+    """(bytes, None), or (None, a refusal) when the URI cannot be read or is over `max_bytes`."""
+    try:
+        with fsspec.open(uri, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except Exception as err:  # any backend error: missing file, permissions, network
+        return None, Decoded(schemas.UNREADABLE, f"could not read {uri}: {type(err).__name__}: {err}")
+    if len(data) > max_bytes:
+        return None, Decoded(schemas.TOO_LARGE, f"file is larger than the {max_bytes}-byte limit")
+    return data, None
+
+
+def decode(data: bytes, prep: Preprocess, max_pixels: int) -> Decoded:
+    """Decode, orient by EXIF, convert the mode and crop/resize `data`; never raises.
+
+    `width` and `height` are the image's size as displayed (after EXIF orientation).
+    """
+    try:
+        image = _identify(data, max_pixels)
+        width, height = image.size
+        if image.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):
+            width, height = height, width
+        if image.format in ("JPEG", "MPO"):
+            # Decode at the smallest DCT scale still covering the crop: large photos get far cheaper.
+            need = math.ceil(prep.size / prep.crop_fraction)
+            image.draft("RGB" if image.mode == "RGB" else image.mode, (need, need))
+        image.load()
+        return Decoded(schemas.OK, None, width, height, _to_array(_exif_transpose(image), prep))
+    except _Refused as refused:
+        return Decoded(refused.status, str(refused))
+    except Image.DecompressionBombError as err:
+        return Decoded(schemas.TOO_LARGE, f"decompression bomb: {err}")
+    except (OSError, SyntaxError, EOFError, ValueError) as err:
+        return Decoded(schemas.TRUNCATED, f"truncated or corrupt image data: {type(err).__name__}: {err}")
+    except Exception as err:  # a decoder bug must cost one row, not the batch
+        return Decoded(schemas.DECODE_ERROR, f"{type(err).__name__}: {err}")
+
+
+def _identify(data: bytes, max_pixels: int) -> Image.Image:
+    """Open (header only) and check format and pixel count; raises _Refused."""
+    if not data:
+        raise _Refused(schemas.EMPTY, "file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        for matches, name in _SIGNATURES:
+            if matches(data[:512]):
+                raise _Refused(schemas.UNSUPPORTED_FORMAT, f"{name} images are not supported") from None
+        raise _Refused(schemas.NOT_AN_IMAGE, f"no image format recognised; file starts {data[:16]!r}") from None
+    if image.format not in SUPPORTED_FORMATS:
+        raise _Refused(schemas.UNSUPPORTED_FORMAT,
+                       f"{image.format} images are not supported (supported: {', '.join(sorted(SUPPORTED_FORMATS))})")
+    pixels = image.size[0] * image.size[1]
+    if pixels > max_pixels:
+        raise _Refused(schemas.TOO_LARGE,
+                       f"{image.size[0]}x{image.size[1]} = {pixels} pixels is over the {max_pixels}-pixel limit")
+    return image
+
+
+def _exif_transpose(image: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # a malformed EXIF block: keep the pixels, unrotated
+        return image
+
+
+def _to_array(image: Image.Image, prep: Preprocess) -> np.ndarray:
+    """Mode-convert, centre-crop and resize in one resampling step: wide images never blow up."""
+    rgb = _to_rgb(image)
+    if prep.mode == "L":
+        rgb = rgb.convert("L")
+    width, height = rgb.size
+    side = min(width, height) * prep.crop_fraction
+    left, top = (width - side) / 2, (height - side) / 2
+    out = rgb.resize((prep.size, prep.size), prep.resample, box=(left, top, left + side, top + side))
+    array = np.asarray(out, dtype=np.uint8)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any Pillow mode: alpha over white, 16-bit and float scaled, CMYK converted."""
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if mode == "F":
+            low, high = float(values.min()), float(values.max())
+            values = (values - low) / (high - low or 1.0) * 255.0
+        else:
+            values = values / 257.0 if mode.startswith("I;16") or values.max() > 255 else values
+        return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")

@@ -1,0 +1,241 @@
+"""fsspec URIs, input discovery, Parquet stage directories and their manifests."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import posixpath
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from gatrep import schemas
+
+MANIFEST = "_manifest.json"
+MANIFEST_SUFFIXES = (".parquet", ".csv")
+
+
+class InputError(ValueError):
+    """An input location or manifest that cannot be turned into a list of images."""
+
+
+class StageError(RuntimeError):
+    """A stage directory that is missing, incomplete, or of an unknown schema version."""
+
+
+def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and the path inside it for any fsspec URI or local path."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path.rstrip("/") or "/"
+
+
+def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A URI that `url_to_fs` maps back to (fs, path): the protocol is kept unless local."""
+    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+
+
+def join(uri: str, *parts: str) -> str:
+    """`uri` with path parts appended, keeping its protocol."""
+    return posixpath.join(uri.rstrip("/"), *parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Input discovery
+
+
+def discover_inputs(uri: str) -> pa.Table:
+    """Every input file as a row of `schemas.INPUTS` (uri, listing, category), sorted by uri.
+
+    `uri` is an image tree `<root>/<category>/<listing>/<image>` or `<root>/<category>/<image>`
+    (then the listing is the category, as in the paper's Approach II), or a .parquet/.csv manifest
+    with a `uri` column and optional `listing` and `category` columns. Every non-hidden file of a
+    tree becomes a row, whatever its extension, so that nothing is dropped silently. Listing names
+    are qualified by their category (`shirts/listing-1`) so equal names in two categories differ.
+    Raises InputError when the location does not exist, holds no files, or the manifest is bad.
+    """
+    fs, path = url_to_fs(uri)
+    if not fs.exists(path):
+        raise InputError(f"input {uri!r} does not exist")
+    if fs.isfile(path):
+        if not path.endswith(MANIFEST_SUFFIXES):
+            raise InputError(f"input {uri!r} is a file but not a .parquet or .csv manifest")
+        return _read_input_manifest(fs, path, uri)
+    return _walk_tree(fs, path, uri)
+
+
+def _walk_tree(fs: fsspec.AbstractFileSystem, root: str, uri: str) -> pa.Table:
+    uris, listings, categories = [], [], []
+    for path in sorted(fs.find(root)):
+        parts = posixpath.relpath(path, root).split("/")
+        if any(p.startswith((".", "_")) for p in parts):
+            continue  # hidden files, and gatrep's own _manifest.json if pointed at a stage
+        category = parts[0] if len(parts) > 1 else None
+        listing = f"{parts[0]}/{parts[1]}" if len(parts) > 2 else category
+        uris.append(full_uri(fs, path))
+        listings.append(listing)
+        categories.append(category)
+    if not uris:
+        raise InputError(f"input {uri!r} holds no files (expected <root>/<category>/[<listing>/]<image>)")
+    return pa.table({schemas.URI: uris, schemas.LISTING: listings, schemas.CATEGORY: categories},
+                    schema=schemas.INPUTS)
+
+
+def _read_input_manifest(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> pa.Table:
+    try:
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f) if path.endswith(".parquet") else pa_csv.read_csv(f)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise InputError(f"manifest {uri!r} could not be read: {err}") from err
+    if schemas.URI not in table.column_names:
+        raise InputError(f"manifest {uri!r} has no 'uri' column (columns: {', '.join(table.column_names)})")
+    n = table.num_rows
+    if n == 0:
+        raise InputError(f"manifest {uri!r} has no rows")
+    columns = {}
+    for name in (schemas.URI, schemas.LISTING, schemas.CATEGORY):
+        column = table[name] if name in table.column_names else pa.nulls(n, pa.string())
+        try:
+            columns[name] = column.cast(pa.string())
+        except pa.ArrowInvalid as err:
+            raise InputError(f"manifest {uri!r}: column {name!r} is not text: {err}") from err
+    if columns[schemas.URI].null_count:
+        raise InputError(f"manifest {uri!r}: {columns[schemas.URI].null_count} rows have an empty uri")
+    base = posixpath.dirname(path)
+    resolved = [u if "://" in u or u.startswith("/") else full_uri(fs, posixpath.join(base, u))
+                for u in columns[schemas.URI].to_pylist()]
+    if len(set(resolved)) != len(resolved):
+        raise InputError(f"manifest {uri!r} lists the same uri more than once")
+    listings = columns[schemas.LISTING].to_pylist()
+    categories = columns[schemas.CATEGORY].to_pylist()
+    listings = [lst if lst is not None else cat for lst, cat in zip(listings, categories, strict=True)]
+    table = pa.table({schemas.URI: resolved, schemas.LISTING: listings, schemas.CATEGORY: categories},
+                     schema=schemas.INPUTS)
+    return table.sort_by(schemas.URI)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage directories
+
+
+def read_manifest(stage_uri: str, expect_stage: str | None = None) -> dict[str, Any]:
+    """The stage's manifest. Raises StageError if it is absent (incomplete stage) or unknown."""
+    fs, path = url_to_fs(stage_uri)
+    manifest_path = posixpath.join(path, MANIFEST)
+    if not fs.exists(manifest_path):
+        what = f"the {expect_stage} stage" if expect_stage else "a stage"
+        raise StageError(
+            f"{stage_uri} has no {MANIFEST}: {what} was never published there, or its run did not finish; "
+            f"run the job that writes it first"
+        )
+    try:
+        manifest = json.loads(fs.cat_file(manifest_path))
+    except json.JSONDecodeError as err:
+        raise StageError(f"{join(stage_uri, MANIFEST)} is not valid JSON: {err}") from err
+    if manifest.get("schema_version") != schemas.SCHEMA_VERSION:
+        raise StageError(
+            f"{stage_uri} has schema version {manifest.get('schema_version')!r}; this gatrep reads "
+            f"version {schemas.SCHEMA_VERSION}"
+        )
+    if expect_stage and manifest.get("stage") != expect_stage:
+        raise StageError(f"{stage_uri} holds the {manifest.get('stage')!r} stage, not {expect_stage!r}")
+    return manifest
+
+
+def stage_file_uris(stage_uri: str, manifest: dict[str, Any]) -> list[str]:
+    """The data files a manifest publishes, as full URIs."""
+    return [join(stage_uri, f) for f in manifest["files"]]
+
+
+def read_stage(stage_uri: str, stage: str, columns: list[str] | None = None) -> tuple[pa.Table, dict]:
+    """(table, manifest) of a published stage: only the files its manifest lists are read."""
+    manifest = read_manifest(stage_uri, stage)
+    fs, _ = url_to_fs(stage_uri)
+    files = stage_file_uris(stage_uri, manifest)
+    if not files:
+        raise StageError(f"{stage_uri}: the manifest lists no data files")
+    tables = [pq.read_table(url_to_fs(f)[1], filesystem=fs, columns=columns) for f in files]
+    return pa.concat_tables(tables), manifest
+
+
+def new_run_dir(stage_uri: str) -> str:
+    """A fresh directory name inside the stage for this run's data files."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    return join(stage_uri, f"run-{stamp}-{uuid.uuid4().hex[:8]}")
+
+
+def list_parquet(dir_uri: str) -> list[str]:
+    """The .parquet files under a directory, as full URIs, sorted."""
+    fs, path = url_to_fs(dir_uri)
+    if not fs.exists(path):
+        return []
+    return sorted(full_uri(fs, p) for p in fs.find(path) if p.endswith(".parquet"))
+
+
+def write_table(table: pa.Table, dir_uri: str, name: str = "part-00000.parquet") -> str:
+    """Write one Parquet file into `dir_uri`; returns its URI."""
+    fs, path = url_to_fs(dir_uri)
+    fs.makedirs(path, exist_ok=True)
+    file_path = posixpath.join(path, name)
+    pq.write_table(table, file_path, filesystem=fs)
+    return full_uri(fs, file_path)
+
+
+def publish(stage_uri: str, stage: str, files: Iterable[str], config: dict[str, Any],
+            upstream: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """Write the stage's manifest last, making `files` (URIs inside the stage) its content.
+
+    On a local filesystem the manifest is written beside and renamed into place; on object stores
+    a single PUT is already atomic. Data directories no longer listed are removed afterwards.
+    """
+    fs, path = url_to_fs(stage_uri)
+    relative = [posixpath.relpath(url_to_fs(f)[1], path) for f in files]
+    manifest = {
+        "stage": stage,
+        "schema_version": schemas.SCHEMA_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": config,
+        "upstream": upstream or {},
+        "files": relative,
+        **extra,
+    }
+    data = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    manifest_path = posixpath.join(path, MANIFEST)
+    fs.makedirs(path, exist_ok=True)
+    if isinstance(fs, LocalFileSystem):
+        tmp = f"{manifest_path}.{uuid.uuid4().hex[:8]}.tmp"
+        fs.pipe_file(tmp, data)
+        fs.mv(tmp, manifest_path)
+    else:
+        fs.pipe_file(manifest_path, data)
+    _remove_unlisted(fs, path, relative)
+    return manifest
+
+
+def _remove_unlisted(fs: fsspec.AbstractFileSystem, path: str, keep: list[str]) -> None:
+    """Delete run directories of earlier or crashed runs that the manifest no longer lists."""
+    kept_dirs = {k.split("/")[0] for k in keep}
+    for entry in fs.ls(path, detail=False):
+        name = posixpath.basename(entry.rstrip("/"))
+        if name.startswith("run-") and name not in kept_dirs:
+            fs.rm(entry, recursive=True)
+
+
+def upstream_summary(manifest: dict[str, Any], stage_uri: str) -> dict[str, Any]:
+    """What a downstream manifest records about a stage it read."""
+    return {"uri": stage_uri, "created": manifest["created"], "rows": manifest.get("rows")}
+
+
+@contextlib.contextmanager
+def timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Record the wall-clock seconds of a block under `name`, for a manifest's timings."""
+    start = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - start, 3)

@@ -1,0 +1,1 @@
+"""Thin job entry points: parse flags into a config, then call gatrep."""
