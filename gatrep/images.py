@@ -157,7 +157,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
             values = (values - low) / (high - low or 1.0) * 255.0
         else:
             values = values / 257.0 if mode.startswith("I;16") or values.max() > 255 else values
-        return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), "L").convert("RGB")
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L").convert("RGB")
     if mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

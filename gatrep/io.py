@@ -113,9 +113,9 @@ def _read_input_manifest(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> 
                 for u in columns[schemas.URI].to_pylist()]
     if len(set(resolved)) != len(resolved):
         raise InputError(f"manifest {uri!r} lists the same uri more than once")
-    listings = columns[schemas.LISTING].to_pylist()
-    categories = columns[schemas.CATEGORY].to_pylist()
-    listings = [lst if lst is not None else cat for lst, cat in zip(listings, categories, strict=True)]
+    # Empty cells (CSV) count as missing; a missing listing is its category (Approach II).
+    categories = [c or None for c in columns[schemas.CATEGORY].to_pylist()]
+    listings = [lst or cat for lst, cat in zip(columns[schemas.LISTING].to_pylist(), categories, strict=True)]
     table = pa.table({schemas.URI: resolved, schemas.LISTING: listings, schemas.CATEGORY: categories},
                      schema=schemas.INPUTS)
     return table.sort_by(schemas.URI)

@@ -1,0 +1,66 @@
+"""Backbone registry: a name maps to its preprocessing, feature size and a loader of its weights."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+
+from gatrep.images import Preprocess
+
+
+class Encoder(Protocol):
+    """A loaded backbone: uint8 pixels [N, H, W, C] in, L2-normalised float32 features [N, dim] out."""
+
+    dim: int
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """A registered backbone. `load(weights, device)` returns an Encoder; `weights` is 'default'
+    (files in the standard caches or installed weight packages), 'random' (tests), or a file path."""
+
+    name: str
+    dim: int
+    preprocess: Preprocess
+    load: Callable[[str, str], Encoder]
+    description: str
+
+
+_REGISTRY: dict[str, Backbone] = {}
+
+
+def register(backbone: Backbone) -> Backbone:
+    """Add a backbone to the registry; refuses a name already taken."""
+    if backbone.name in _REGISTRY:
+        raise ValueError(f"backbone {backbone.name!r} is already registered")
+    _REGISTRY[backbone.name] = backbone
+    return backbone
+
+
+def get(name: str) -> Backbone:
+    """The backbone called `name`; raises KeyError listing the known names."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown backbone {name!r}; known: {', '.join(names())}") from None
+
+
+def names() -> list[str]:
+    """Registered backbone names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def l2_normalise(features: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), as float32."""
+    features = np.asarray(features, dtype=np.float32)
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    return features / np.maximum(norms, 1e-12)
+
+
+# Registration happens on import of each family module.
+from gatrep.backbones import clip, hog, tiny, torchvision_nets  # noqa: E402, F401

@@ -1,0 +1,33 @@
+"""A tiny convolutional backbone with fixed random weights, for tests and smoke runs."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gatrep.backbones import Backbone, Encoder, register
+from gatrep.backbones.torch_encoder import IMAGENET_MEAN, IMAGENET_STD, TorchEncoder, load_state_dict
+from gatrep.images import Preprocess
+
+_DIM = 32
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, _DIM),
+    )
+
+
+def _load(weights_spec: str, device: str) -> Encoder:
+    torch.manual_seed(0)  # the same random weights in every process
+    model = _net()
+    if weights_spec not in ("default", "random"):
+        model.load_state_dict(load_state_dict(weights_spec))
+    return TorchEncoder(model, _DIM, IMAGENET_MEAN, IMAGENET_STD, device)
+
+
+register(Backbone(
+    name="tiny-random", dim=_DIM, preprocess=Preprocess(size=32, crop_fraction=1.0), load=_load,
+    description="two random conv layers, 32-d: for tests only, its features mean little",
+))

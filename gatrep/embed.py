@@ -1,0 +1,231 @@
+"""The embedding stage on Ray Data: read and decode in CPU tasks, run the backbone in an actor pool."""
+
+from __future__ import annotations
+
+import collections
+import os
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from gatrep import backbones, images, io, schemas
+from gatrep.config import EmbedConfig, to_dict
+
+STAGE = "embeddings"
+PIXELS = "pixels"  # the preprocessed uint8 crops passed from the decode tasks to the backbone actors
+
+
+class StageMismatch(RuntimeError):
+    """An existing stage that was built with another backbone, weights or dtype."""
+
+
+def prepare_batch(batch: dict[str, np.ndarray], *, backbone: str, max_pixels: int, max_bytes: int,
+                  known: dict[str, str]) -> dict[str, np.ndarray]:
+    """Read, hash and decode each file of a batch of inputs (uri, listing, category).
+
+    Adds image_id, width, height, status, error and `pixels` ([n, size, size, channels] uint8, zeros
+    for rows that did not decode). Drops rows whose uri is in `known` with the same image_id: they are
+    already embedded. Never raises for a bad file: each becomes a row with its status and error.
+    """
+    prep = backbones.get(backbone).preprocess
+    out: dict[str, list[Any]] = collections.defaultdict(list)
+    crops = []
+    for uri, listing, category in zip(batch[schemas.URI], batch[schemas.LISTING], batch[schemas.CATEGORY],
+                                      strict=True):
+        data, refused = images.read_file(str(uri), max_bytes)
+        image_id = images.content_id(data) if data is not None else None
+        if image_id is not None and known.get(uri) == image_id:
+            continue
+        decoded = refused or images.decode(data or b"", prep, max_pixels)
+        for name, value in ((schemas.IMAGE_ID, image_id), (schemas.URI, uri), (schemas.LISTING, listing),
+                            (schemas.CATEGORY, category), (schemas.WIDTH, decoded.width),
+                            (schemas.HEIGHT, decoded.height), (schemas.STATUS, decoded.status),
+                            (schemas.ERROR, decoded.error)):
+            out[name].append(value)
+        crops.append(decoded.pixels if decoded.pixels is not None
+                     else np.zeros((prep.size, prep.size, prep.channels), np.uint8))
+    columns = {name: np.array(values, dtype=object) for name, values in out.items()}
+    columns[PIXELS] = np.stack(crops) if crops else np.zeros((0, prep.size, prep.size, prep.channels), np.uint8)
+    return columns
+
+
+class Embedder:
+    """A Ray Data actor: loads the backbone once, then embeds the ok rows of each batch."""
+
+    def __init__(self, backbone: str, weights: str, dtype: str, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in workers
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.encoder = backbones.get(backbone).load(weights, device)
+        self.schema = schemas.embeddings(self.encoder.dim, dtype)
+        self.dtype = np.dtype(dtype)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        ok = batch[schemas.STATUS] == schemas.OK
+        n, dim = len(ok), self.encoder.dim
+        vectors = np.zeros((n, dim), self.dtype)
+        if ok.any():
+            vectors[ok] = self.encoder(batch[PIXELS][ok])
+        embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim, mask=pa.array(~ok))
+        # from_pandas: Ray hands null ints back as NaN floats; this turns them into nulls again.
+        columns = {f.name: pa.array(batch[f.name], type=f.type, from_pandas=True)
+                   for f in self.schema if f.name != schemas.EMBEDDING}
+        return pa.table({**columns, schemas.EMBEDDING: embedding}, schema=self.schema)
+
+
+def run(cfg: EmbedConfig) -> dict[str, Any]:
+    """Embed every input file of `cfg.input` into `<cfg.out>/embeddings` and publish it.
+
+    Rows already in a published stage with the same uri and content hash are kept, not re-embedded.
+    Returns the manifest. Raises io.InputError for a bad input, StageMismatch when the existing stage
+    was built with another backbone, and WeightsNotFound (before any work) when weights are missing.
+    """
+    backbone = backbones.get(cfg.backbone)
+    backbone.load(cfg.weights, "cpu")  # fail fast on missing weights, before Ray starts any work
+    stage_uri = io.join(cfg.out, STAGE)
+    timings: dict[str, float] = {}
+    with io.timed(timings, "discover"):
+        inputs = io.discover_inputs(cfg.input)
+    previous = _previous_stage(stage_uri, cfg)
+    known = _known_ids(stage_uri, previous)
+    run_dir = io.new_run_dir(stage_uri)
+    with io.timed(timings, "embed"):
+        new_files = _embed(inputs, cfg, backbone.dim, known, run_dir)
+    with io.timed(timings, "merge"):
+        new_uris = set(_column(new_files, schemas.URI))
+        kept_files = _retain(stage_uri, previous, inputs, new_uris, run_dir)
+    files = kept_files + new_files
+    counts = _status_counts(files)
+    manifest = io.publish(
+        stage_uri, STAGE, files, to_dict(cfg), dim=backbone.dim, dtype=cfg.dtype, normalised=True,
+        rows=sum(counts.values()), counts=counts, embedded=len(new_uris), reused=sum(counts.values()) - len(new_uris),
+        timings=timings,
+    )
+    return manifest
+
+
+def _previous_stage(stage_uri: str, cfg: EmbedConfig) -> dict[str, Any] | None:
+    """The manifest of an earlier run of this stage, if it was built compatibly; else StageMismatch."""
+    try:
+        manifest = io.read_manifest(stage_uri, STAGE)
+    except io.StageError:
+        return None
+    for key in ("backbone", "weights", "dtype"):
+        if manifest["config"].get(key) != getattr(cfg, key):
+            raise StageMismatch(
+                f"{stage_uri} was built with {key}={manifest['config'].get(key)!r}, not {getattr(cfg, key)!r}; "
+                f"write to another --out, or delete that stage to rebuild it"
+            )
+    return manifest
+
+
+def _known_ids(stage_uri: str, manifest: dict[str, Any] | None) -> dict[str, str]:
+    """uri -> image_id of every previously published row that has a content hash."""
+    if manifest is None:
+        return {}
+    table, _ = io.read_stage(stage_uri, STAGE, columns=[schemas.URI, schemas.IMAGE_ID])
+    table = table.filter(pc.is_valid(table[schemas.IMAGE_ID]))
+    return dict(zip(table[schemas.URI].to_pylist(), table[schemas.IMAGE_ID].to_pylist(), strict=True))
+
+
+def _embed(inputs: pa.Table, cfg: EmbedConfig, dim: int, known: dict[str, str], run_dir: str) -> list[str]:
+    """Run the Ray Data pipeline over `inputs`; returns the Parquet files it wrote."""
+    if not ray.is_initialized():
+        ray.init()
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    actors = cfg.actors or max(gpus, 1)
+    # Our own reader instead of ray.data.read_binary_files: that one fails the whole job on a
+    # missing or unreadable file, and every input must get a row. One block per decode batch keeps
+    # all CPUs busy decoding while the actors run the backbone.
+    blocks = [inputs.slice(i, cfg.decode_batch_size) for i in range(0, inputs.num_rows, cfg.decode_batch_size)]
+    ds = ray.data.from_arrow(blocks)
+    # Decode tasks ask for half a CPU, the actors for one: besides packing two decoders beside each
+    # actor, unequal resources stop Ray Data from fusing decoding into the actor, which would
+    # serialise it with the forward pass.
+    ds = ds.map_batches(
+        prepare_batch, batch_size=None, batch_format="numpy", num_cpus=0.5,
+        fn_kwargs={"backbone": cfg.backbone, "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes,
+                   "known": known},
+    )
+    ds = ds.map_batches(
+        Embedder, batch_size=cfg.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=1 if gpus else 0, num_cpus=1,
+        fn_constructor_kwargs={"backbone": cfg.backbone, "weights": cfg.weights, "dtype": cfg.dtype,
+                               "threads": cfg.threads_per_actor or _cpus_per_actor(actors)},
+    )
+    ds.write_parquet(run_dir)
+    return io.list_parquet(run_dir)
+
+
+def _cpus_per_actor(actors: int) -> int:
+    """Torch threads for each CPU actor: the node's cores shared among the actors on it."""
+    cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+    nodes = max(1, len([n for n in ray.nodes() if n.get("Alive")]))
+    return max(1, cpus // nodes // max(1, -(-actors // nodes)))
+
+
+def _retain(stage_uri: str, manifest: dict[str, Any] | None, inputs: pa.Table, new_uris: set[str],
+            run_dir: str) -> list[str]:
+    """Files of the previous run whose rows are still current; rewritten filtered where some are not.
+
+    A row is current when its uri is still an input and was not re-embedded (same content). Its
+    listing and category are taken from the current inputs, so moving a file between categories in
+    a manifest is picked up without re-embedding it.
+    """
+    if manifest is None:
+        return []
+    current = dict(zip(inputs[schemas.URI].to_pylist(),
+                       zip(inputs[schemas.LISTING].to_pylist(), inputs[schemas.CATEGORY].to_pylist(), strict=True),
+                       strict=True))
+    fs, _ = io.url_to_fs(stage_uri)
+    kept = []
+    for n, file_uri in enumerate(io.stage_file_uris(stage_uri, manifest)):
+        table = pq.read_table(io.url_to_fs(file_uri)[1], filesystem=fs)
+        uris = table[schemas.URI].to_pylist()
+        keep = [u in current and u not in new_uris for u in uris]
+        labels = [current.get(u) for u in uris]
+        unchanged = all(labels[i] == (table[schemas.LISTING][i].as_py(), table[schemas.CATEGORY][i].as_py())
+                        for i in range(len(uris)) if keep[i])
+        if all(keep) and unchanged:
+            kept.append(file_uri)
+        elif any(keep):
+            table = table.filter(pa.array(keep))
+            relabelled = [current[u] for u in table[schemas.URI].to_pylist()]
+            table = table.set_column(table.schema.get_field_index(schemas.LISTING), schemas.LISTING,
+                                     pa.array([lc[0] for lc in relabelled], pa.string()))
+            table = table.set_column(table.schema.get_field_index(schemas.CATEGORY), schemas.CATEGORY,
+                                     pa.array([lc[1] for lc in relabelled], pa.string()))
+            kept.append(io.write_table(table, run_dir, f"kept-{n:05d}.parquet"))
+    return kept
+
+
+def _column(files: list[str], column: str) -> list[Any]:
+    values: list[Any] = []
+    for file_uri in files:
+        fs, path = io.url_to_fs(file_uri)
+        values.extend(pq.read_table(path, filesystem=fs, columns=[column])[column].to_pylist())
+    return values
+
+
+def _status_counts(files: list[str]) -> dict[str, int]:
+    return dict(sorted(collections.Counter(_column(files, schemas.STATUS)).items()))
+
+
+def summary(manifest: dict[str, Any], seconds: float | None = None) -> str:
+    """A few human lines: rows, ok, each failure status, reused vs newly embedded, throughput."""
+    counts = manifest["counts"]
+    lines = [f"embeddings: {manifest['rows']} rows, {counts.get(schemas.OK, 0)} ok, "
+             f"{manifest['embedded']} newly read, {manifest['reused']} reused from the previous run"]
+    lines += [f"  {status}: {n}" for status, n in counts.items() if status != schemas.OK]
+    embed_s = manifest["timings"].get("embed", 0.0)
+    if manifest["embedded"] and embed_s:
+        lines.append(f"  {manifest['embedded'] / embed_s:.1f} images/s over {embed_s:.1f} s (pipeline)")
+    if seconds is not None:
+        lines.append(f"  total {seconds:.1f} s")
+    return "\n".join(lines)

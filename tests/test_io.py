@@ -1,0 +1,120 @@
+"""Input discovery, input manifests and stage manifests."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from gatrep import io, schemas
+
+
+def touch(root, *paths):
+    for path in paths:
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(b"x")
+
+
+def test_tree_with_and_without_listings(tmp_path):
+    touch(tmp_path, "shirts/l1/a.jpg", "shirts/l1/b.jpg", "shirts/l2/c.jpg", "pants/d.jpg", ".DS_Store",
+          "pants/.hidden.jpg", "notes.txt")
+    table = io.discover_inputs(str(tmp_path))
+    rows = {r["uri"].removeprefix(str(tmp_path) + "/"): (r["listing"], r["category"]) for r in table.to_pylist()}
+    assert rows == {
+        "notes.txt": (None, None),
+        "pants/d.jpg": ("pants", "pants"),  # <root>/<category>/<image>: the category is the listing
+        "shirts/l1/a.jpg": ("shirts/l1", "shirts"),
+        "shirts/l1/b.jpg": ("shirts/l1", "shirts"),
+        "shirts/l2/c.jpg": ("shirts/l2", "shirts"),
+    }
+    assert table.schema.equals(schemas.INPUTS)
+
+
+def test_file_uri_is_accepted(tmp_path):
+    touch(tmp_path, "cat/a.png")
+    assert io.discover_inputs(f"file://{tmp_path}")["uri"].to_pylist() == [str(tmp_path / "cat/a.png")]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_manifest_relative_and_absolute_uris(tmp_path, fmt):
+    table = pa.table({"uri": ["imgs/a.jpg", "/data/b.jpg"], "category": ["x", "y"], "listing": ["x/1", None]})
+    path = tmp_path / f"m.{fmt}"
+    if fmt == "csv":
+        path.write_text("uri,category,listing\nimgs/a.jpg,x,x/1\n/data/b.jpg,y,\n")
+    else:
+        pq.write_table(table, path)
+    rows = io.discover_inputs(str(path)).to_pylist()
+    assert rows == [
+        {"uri": "/data/b.jpg", "listing": "y", "category": "y"},  # an empty listing falls back to the category
+        {"uri": str(tmp_path / "imgs/a.jpg"), "listing": "x/1", "category": "x"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("path,category\na.jpg,x\n", "has no 'uri' column (columns: path, category)"),
+        ("uri,category\n", "has no rows"),
+        ("uri\na.jpg\na.jpg\n", "lists the same uri more than once"),
+    ],
+)
+def test_bad_manifests(tmp_path, content, message):
+    path = tmp_path / "m.csv"
+    path.write_text(content)
+    with pytest.raises(io.InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        io.discover_inputs(str(path))
+
+
+def test_missing_empty_and_unknown_inputs(tmp_path):
+    with pytest.raises(io.InputError, match="does not exist"):
+        io.discover_inputs(str(tmp_path / "nope"))
+    with pytest.raises(io.InputError, match="holds no files"):
+        io.discover_inputs(str(tmp_path))
+    (tmp_path / "list.txt").write_text("a.jpg")
+    with pytest.raises(io.InputError, match="is a file but not a .parquet or .csv manifest"):
+        io.discover_inputs(str(tmp_path / "list.txt"))
+
+
+def test_stage_is_invisible_until_published_and_old_runs_are_removed(tmp_path):
+    stage = str(tmp_path / "graph")
+    first = io.write_table(pa.table({"a": [1, 2]}), io.new_run_dir(stage))
+    with pytest.raises(io.StageError, match="has no _manifest.json"):
+        io.read_stage(stage, "graph")
+    io.publish(stage, "graph", [first], {"k": 1}, rows=2)
+    assert io.read_stage(stage, "graph")[0]["a"].to_pylist() == [1, 2]
+    second = io.write_table(pa.table({"a": [3]}), io.new_run_dir(stage))
+    orphan = io.write_table(pa.table({"a": [9]}), io.new_run_dir(stage))  # a crashed run's files
+    io.publish(stage, "graph", [second], {"k": 1}, rows=1)
+    table, manifest = io.read_stage(stage, "graph")
+    assert table["a"].to_pylist() == [3]
+    assert manifest["config"] == {"k": 1} and manifest["rows"] == 1
+    assert sorted(p.name for p in (tmp_path / "graph").iterdir() if p.name.startswith("run-")) == [
+        second.split("/")[-2]]
+    assert orphan not in io.list_parquet(stage)
+
+
+def test_manifest_checks(tmp_path):
+    stage = tmp_path / "embeddings"
+    io.publish(str(stage), "embeddings", [], {})
+    with pytest.raises(io.StageError, match="holds the 'embeddings' stage, not 'graph'"):
+        io.read_manifest(str(stage), "graph")
+    manifest = json.loads((stage / io.MANIFEST).read_text())
+    (stage / io.MANIFEST).write_text(json.dumps({**manifest, "schema_version": 99}))
+    with pytest.raises(io.StageError, match="has schema version 99; this gatrep reads version 1"):
+        io.read_manifest(str(stage))
+    (stage / io.MANIFEST).write_text("{not json")
+    with pytest.raises(io.StageError, match="is not valid JSON"):
+        io.read_manifest(str(stage))
+
+
+def test_schema_validate_names_every_problem():
+    actual = pa.schema([("image_id", pa.string()), ("embedding", pa.list_(pa.float32()))])
+    with pytest.raises(schemas.SchemaError) as err:
+        schemas.validate(actual, schemas.embeddings(4), "x.parquet")
+    message = str(err.value)
+    assert message.startswith("x.parquet: ")
+    assert "missing column 'uri' (string)" in message
+    assert "column 'embedding' is list<item: float>, expected fixed_size_list<item: float>[4]" in message
+    assert schemas.vector_dim(schemas.embeddings(7), "embedding") == 7
