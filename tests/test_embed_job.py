@@ -1,0 +1,156 @@
+"""The embedding job end to end on a local Ray: rows, statuses, schema, manifest, reruns, crashes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+from PIL import Image
+
+from gatrep import embed, images, io, schemas
+from gatrep.config import EmbedConfig
+from jobs import embed as embed_job
+
+pytestmark = pytest.mark.ray
+
+BAD = {  # file name -> expected status
+    "cats/l1/empty.jpg": schemas.EMPTY,
+    "cats/l1/notes.jpg": schemas.NOT_AN_IMAGE,
+    "cats/l2/cut.jpg": schemas.TRUNCATED,
+    "dogs/drawing.svg": schemas.UNSUPPORTED_FORMAT,
+    "dogs/huge.png": schemas.TOO_LARGE,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def save(root, rel, image, fmt):
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, fmt)
+    return path
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """36 good images in two categories (listings and none), plus one file of each bad kind."""
+    root = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for i in range(36):
+        rel = f"cats/l{i % 2 + 1}/{i}.jpg" if i < 20 else f"dogs/{i}.png"
+        save(root, rel, Image.fromarray(rng.integers(0, 255, (48, 40 + i, 3), np.uint8)),
+             "JPEG" if i < 20 else "PNG")
+    (root / "cats/l1/empty.jpg").write_bytes(b"")
+    (root / "cats/l1/notes.jpg").write_text("not a picture")
+    cut = (root / "cats/l1/0.jpg").read_bytes()
+    (root / "cats/l2/cut.jpg").write_bytes(cut[: len(cut) // 2])
+    (root / "dogs/drawing.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
+    save(root, "dogs/huge.png", Image.new("L", (5000, 5000)), "PNG")
+    return root
+
+
+def config(tree, out, **overrides) -> EmbedConfig:
+    values = dict(input=str(tree), out=str(out), backbone="tiny-random", batch_size=8, decode_batch_size=8,
+                  max_pixels=20_000_000)
+    return EmbedConfig(**{**values, **overrides})
+
+
+def read(out):
+    table, manifest = io.read_stage(io.join(str(out), "embeddings"), "embeddings")
+    return table.sort_by("uri"), manifest
+
+
+def test_every_file_gets_one_row_and_a_rerun_reuses_them(tree, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert embed_job.main(["--input", str(tree), "--out", str(out), "--backbone", "tiny-random",
+                           "--batch-size", "8", "--decode-batch-size", "8", "--max-pixels", "20000000"]) == 0
+    printed = capsys.readouterr().out
+    assert "embeddings: 41 rows, 36 ok, 41 newly read, 0 reused" in printed
+    assert "  too_large: 1" in printed and "  truncated: 1" in printed
+
+    table, manifest = read(out)
+    schemas.validate(table.schema, schemas.embeddings(32), "embeddings")
+    assert table.num_rows == 41 and manifest["rows"] == 41
+    by_name = {u.removeprefix(str(tree) + "/"): r for u, r in zip(table["uri"].to_pylist(), table.to_pylist(),
+                                                                   strict=True)}
+    for name, status in BAD.items():
+        assert by_name[name]["status"] == status, name
+        assert by_name[name]["error"] and by_name[name]["embedding"] is None
+    good = [r for n, r in by_name.items() if n not in BAD]
+    assert {r["status"] for r in good} == {schemas.OK} and all(r["error"] is None for r in good)
+    assert all(np.isclose(np.linalg.norm(r["embedding"]), 1.0, atol=1e-5) for r in good)
+    assert by_name["cats/l2/3.jpg"]["listing"] == "cats/l2" and by_name["dogs/25.png"]["listing"] == "dogs"
+    assert by_name["dogs/25.png"]["width"] == 65 and by_name["dogs/25.png"]["height"] == 48
+    assert by_name["dogs/25.png"]["image_id"] == images.content_id((tree / "dogs/25.png").read_bytes())
+    assert manifest["counts"] == {"empty": 1, "not_an_image": 1, "ok": 36, "too_large": 1, "truncated": 1,
+                                  "unsupported_format": 1}
+    assert manifest["config"]["backbone"] == "tiny-random" and manifest["dim"] == 32
+
+    # Rerun: nothing new is read, and the table is the same.
+    again = embed.run(config(tree, out))
+    assert (again["embedded"], again["reused"]) == (0, 41)
+    assert read(out)[0].equals(table)
+
+    # A new image is the only one embedded; a changed one is re-embedded; a removed one disappears.
+    save(tree, "dogs/new.png", Image.new("RGB", (30, 30), (1, 2, 3)), "PNG")
+    save(tree, "dogs/20.png", Image.new("RGB", (30, 30), (9, 9, 9)), "PNG")
+    (tree / "dogs/21.png").unlink()
+    third = embed.run(config(tree, out))
+    assert (third["embedded"], third["rows"]) == (2, 41)
+    updated, _ = read(out)
+    uris = updated["uri"].to_pylist()
+    assert str(tree / "dogs/new.png") in uris and str(tree / "dogs/21.png") not in uris
+    row = updated.filter(np.array(uris) == str(tree / "dogs/20.png")).to_pylist()[0]
+    assert row["image_id"] == images.content_id((tree / "dogs/20.png").read_bytes()) and row["width"] == 30
+
+
+def test_float16_storage(tree, tmp_path):
+    manifest = embed.run(config(tree, tmp_path / "run", dtype="float16"))
+    table, _ = read(tmp_path / "run")
+    assert table.schema.field("embedding").type == schemas.vector_type(32, "float16")
+    assert manifest["counts"]["ok"] == 36
+
+
+def test_a_crash_leaves_the_published_stage_untouched(tree, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    embed.run(config(tree, out))
+    stage = out / "embeddings"
+    before = json.loads((stage / io.MANIFEST).read_text())
+    save(tree, "dogs/new.png", Image.new("RGB", (30, 30)), "PNG")
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("node lost")
+
+    monkeypatch.setattr(embed, "_retain", crash)  # after the new rows are written, before publishing
+    with pytest.raises(RuntimeError, match="node lost"):
+        embed.run(config(tree, out))
+    assert json.loads((stage / io.MANIFEST).read_text()) == before
+    assert len([p for p in stage.iterdir() if p.name.startswith("run-")]) == 2  # the crashed run's files
+    assert read(out)[0].num_rows == 41  # ... are not visible
+    monkeypatch.undo()
+    assert embed.run(config(tree, out))["rows"] == 42
+    assert len([p for p in stage.iterdir() if p.name.startswith("run-")]) == 2  # crashed files cleaned up
+
+
+def test_input_and_stage_errors_are_one_line(tree, tmp_path, capsys):
+    out = tmp_path / "run"
+    embed.run(config(tree, out))
+    capsys.readouterr()  # drop Ray's own log lines
+    code = embed_job.main(["--input", str(tree), "--out", str(out), "--backbone", "hog"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {out}/embeddings was built with backbone='tiny-random', not 'hog'; "
+        "write to another --out, or delete that stage to rebuild it")
+    assert embed_job.main(["--input", str(tmp_path / "nowhere"), "--out", str(out), "--backbone", "hog"]) == 2
+    assert "error: input" in capsys.readouterr().err
+    # Nothing was written by the refused runs.
+    assert [f.name for f in (out / "embeddings").iterdir()].count(io.MANIFEST) == 1
+    assert pq.read_metadata(io.list_parquet(str(out / "embeddings"))[0]).num_rows > 0
