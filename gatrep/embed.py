@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import os
 from typing import Any
 
@@ -94,6 +95,9 @@ def run(cfg: EmbedConfig) -> dict[str, Any]:
     previous = _previous_stage(stage_uri, cfg)
     known = _known_ids(stage_uri, previous)
     run_dir = io.new_run_dir(stage_uri)
+    with io.timed(timings, "start_ray"):
+        if not ray.is_initialized():
+            ray.init()
     with io.timed(timings, "embed"):
         new_files = _embed(inputs, cfg, backbone.dim, known, run_dir)
     with io.timed(timings, "merge"):
@@ -135,23 +139,18 @@ def _known_ids(stage_uri: str, manifest: dict[str, Any] | None) -> dict[str, str
 
 def _embed(inputs: pa.Table, cfg: EmbedConfig, dim: int, known: dict[str, str], run_dir: str) -> list[str]:
     """Run the Ray Data pipeline over `inputs`; returns the Parquet files it wrote."""
-    if not ray.is_initialized():
-        ray.init()
     gpus = int(ray.cluster_resources().get("GPU", 0))
     actors = cfg.actors or max(gpus, 1)
     # Our own reader instead of ray.data.read_binary_files: that one fails the whole job on a
     # missing or unreadable file, and every input must get a row. One block per decode batch keeps
     # all CPUs busy decoding while the actors run the backbone.
-    blocks = [inputs.slice(i, cfg.decode_batch_size) for i in range(0, inputs.num_rows, cfg.decode_batch_size)]
-    ds = ray.data.from_arrow(blocks)
+    ds = ray.data.from_arrow(inputs).repartition(target_num_rows_per_block=cfg.decode_batch_size)
     # Decode tasks ask for half a CPU, the actors for one: besides packing two decoders beside each
     # actor, unequal resources stop Ray Data from fusing decoding into the actor, which would
     # serialise it with the forward pass.
-    ds = ds.map_batches(
-        prepare_batch, batch_size=None, batch_format="numpy", num_cpus=0.5,
-        fn_kwargs={"backbone": cfg.backbone, "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes,
-                   "known": known},
-    )
+    prepare = functools.partial(prepare_batch, backbone=cfg.backbone, max_pixels=cfg.max_pixels,
+                                max_bytes=cfg.max_bytes, known=known)
+    ds = ds.map_batches(prepare, batch_size=None, batch_format="numpy", num_cpus=0.5)
     ds = ds.map_batches(
         Embedder, batch_size=cfg.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),

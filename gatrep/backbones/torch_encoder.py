@@ -20,7 +20,7 @@ class TorchEncoder:
                  device: str) -> None:
         self.dim = dim
         self.device = torch.device(device)
-        self.module = module.eval().to(self.device, memory_format=torch.channels_last)
+        self.module = module.eval().to(self.device).to(memory_format=torch.channels_last)
         self.scale = (1.0 / (255.0 * torch.tensor(std, device=self.device))).view(1, -1, 1, 1)
         self.shift = (torch.tensor(mean, device=self.device) / torch.tensor(std, device=self.device)).view(1, -1, 1, 1)
 

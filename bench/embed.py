@@ -1,0 +1,118 @@
+"""Embedding throughput: the whole Ray Data job against the bare backbone forward pass, in one process.
+
+    python bench/embed.py --images 1000 --backbones mobilenet_v2,clip-vit-b32
+
+Writes Fashion-MNIST training images as 256x256 JPEGs (Debian package dataset-fashion-mnist), then
+for each backbone measures (1) images/s of the backbone alone on pre-decoded crops, with the same
+torch thread count the job's actor gets, and (2) images/s of `gatrep.embed.run` over the JPEG
+files (read, hash, decode, resize, forward, write Parquet), with Ray already started. Prints
+both and their ratio. Backbones without local weights run with random weights: speed does not
+depend on the weight values. `--device cuda` measures the bare forward on a GPU only (no Ray).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+
+
+def bare_rate(backbone: str, weights: str, crops: np.ndarray, batch: int, device: str, seconds: float) -> float:
+    """Images/s of the encoder alone, over pre-decoded uint8 crops, after one warm-up batch."""
+    import torch
+
+    from gatrep import backbones
+
+    encoder = backbones.get(backbone).load(weights, device)
+    encoder(crops[:batch])
+    if device == "cuda":
+        torch.cuda.synchronize()
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or done < len(crops):
+        for i in range(0, len(crops), batch):
+            encoder(crops[i : i + batch])
+            done += len(crops[i : i + batch])
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return done / (time.perf_counter() - start)
+
+
+def decoded_crops(uris: list[str], backbone: str) -> tuple[np.ndarray, float]:
+    """The preprocessed crops of every file, and the single-core decode rate in images/s."""
+    from gatrep import backbones, images
+
+    prep = backbones.get(backbone).preprocess
+    start = time.perf_counter()
+    crops = []
+    for uri in uris:
+        with open(uri, "rb") as f:
+            crops.append(images.decode(f.read(), prep, 10**8).pixels)
+    return np.stack(crops), len(uris) / (time.perf_counter() - start)
+
+
+def weights_for(backbone: str) -> str:
+    from gatrep import backbones
+    from gatrep.backbones.weights import WeightsNotFound
+
+    try:
+        backbones.get(backbone).load("default", "cpu")
+        return "default"
+    except WeightsNotFound:
+        return "random"
+
+
+def job_rate(data: str, backbone: str, weights: str, batch: int) -> tuple[float, dict]:
+    """Images/s of the whole embedding job (Ray already running), and its manifest."""
+    from gatrep import embed
+    from gatrep.config import EmbedConfig
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = EmbedConfig(input=data, out=out, backbone=backbone, weights=weights, batch_size=batch)
+        start = time.perf_counter()
+        manifest = embed.run(cfg)
+        return manifest["rows"] / (time.perf_counter() - start), manifest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--size", type=int, default=256, help="side of the JPEG files written")
+    parser.add_argument("--backbones", default="mobilenet_v2,clip-vit-b32")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--data", default=os.path.expanduser("~/.cache/gatrep/bench-fashion-mnist"))
+    parser.add_argument("--device", default="cpu", help="cpu: job and bare forward; cuda: bare forward only")
+    parser.add_argument("--seconds", type=float, default=10.0, help="minimum duration of each bare measurement")
+    args = parser.parse_args()
+
+    from gatrep import datasets, io
+
+    data = os.path.join(args.data, f"{args.images}x{args.size}")
+    if not os.path.isdir(data):
+        datasets.write_fashion_mnist(data, split="train", size=args.size, fmt="jpg", limit=args.images)
+    uris = io.discover_inputs(data)["uri"].to_pylist()
+    print(f"{len(uris)} Fashion-MNIST JPEGs of {args.size}x{args.size} under {data}; {os.cpu_count()} CPUs")
+
+    if args.device == "cpu":
+        import ray
+
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)  # what the job's single CPU actor uses
+    for backbone in args.backbones.split(","):
+        weights = weights_for(backbone)
+        crops, decode_rate = decoded_crops(uris, backbone)
+        bare = bare_rate(backbone, weights, crops, args.batch_size, args.device, args.seconds)
+        line = f"{backbone:14s} weights={weights:7s} decode {decode_rate:7.1f} img/s/core | bare {bare:8.1f} img/s"
+        if args.device == "cpu":
+            job, manifest = job_rate(data, backbone, weights, args.batch_size)
+            assert manifest["counts"].get("ok") == len(uris), manifest["counts"]
+            line += f" | job {job:7.1f} img/s | job/bare {job / bare:5.1%}"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
