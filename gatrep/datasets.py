@@ -1,0 +1,366 @@
+"""Labelled image trees `<root>/<category>/<image>` for demos, tests and benchmarks: digits and Fashion-MNIST."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import math
+import posixpath
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import fsspec
+import numpy as np
+from PIL import Image
+
+from gatrep import io as gio
+
+DIGIT_CATEGORIES = tuple(f"digit-{i}" for i in range(10))
+FASHION_MNIST_CATEGORIES = (
+    "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot",
+)
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"  # Debian's package of the IDX files
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+MARKER = "_dataset.json"  # written last; the leading "_" keeps it out of io.discover_inputs
+FORMATS = {"png": "PNG", "jpg": "JPEG"}
+RESAMPLING = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR}
+JPEG_QUALITY = 90
+_CHUNK = 256  # images encoded in memory before one fs.pipe call (concurrent PUTs on object stores)
+
+
+class DatasetError(ValueError):
+    """A dataset source that is missing or malformed, or a tree that cannot be written as asked."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Tree:
+    """An image tree written by this module: `root` as io.discover_inputs spells its URIs, `files` the
+    `<category>/<name>` paths under it, `source_rows` the row of each file in the source array. `query` is
+    the held-out query tree, if any; `reused` is True when an identical tree was already complete and
+    nothing was written."""
+
+    root: str
+    files: tuple[str, ...]
+    source_rows: tuple[int, ...]
+    query: Tree | None = None
+    reused: bool = False
+
+    def uris(self) -> list[str]:
+        """Full URIs of the images, in the order of `files`."""
+        return [gio.join(self.root, f) for f in self.files]
+
+    def categories(self) -> list[str]:
+        """The category of each image, in the order of `files`."""
+        return [f.split("/", 1)[0] for f in self.files]
+
+    def counts(self) -> dict[str, int]:
+        """Images per category, sorted by category name."""
+        return dict(sorted(Counter(self.categories()).items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """Images in memory: uint8 [n, h, w] pixels, integer labels, a category name per label."""
+
+    pixels: np.ndarray
+    labels: np.ndarray
+    categories: tuple[str, ...]
+    prefix: str  # file name prefix, e.g. "digits" or "train"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Render:
+    """How each image is written: `size`x`size` pixels, format key of FORMATS, resampling key of RESAMPLING."""
+
+    size: int
+    fmt: str
+    resample: str
+
+
+# ----------------------------------------------------------------------------------------------
+# Public writers
+
+
+def write_digits(root: str, size: int = 64, fmt: str = "png", limit: int | None = None, holdout: float = 0.0,
+                 seed: int = 0, resample: str = "bilinear", query_root: str | None = None,
+                 overwrite: bool = False) -> Tree:
+    """Write scikit-learn's digits (1,797 8x8 images, values 0..16) as `<root>/digit-<d>/digits-<row>.<fmt>`.
+
+    Values are scaled to 0..255 (16 -> 255; white strokes on black, unlike sklearn's gray_r plots) and
+    upscaled to `size` pixels, 8-bit grey saved as RGB. `limit` keeps that many images spread evenly over
+    the ten digits. With `holdout` > 0 a stratified fraction goes to a query tree at `query_root` (default
+    `<root>-query`), never into the index tree. Returns the index tree with `.query` set when held out.
+    Refuses bad arguments, a holdout that cannot be stratified, and a root holding other files unless
+    `overwrite` (see `_prepare_root`).
+    """
+    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+
+    if not 0.0 <= holdout < 1.0:
+        raise DatasetError(f"holdout must be in [0, 1), not {holdout}")
+    render = _check_render(size, fmt, resample)
+    digits = load_digits()
+    pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    source = _Source(pixels, digits.target.astype(np.int64), DIGIT_CATEGORIES, "digits")
+    rows = _select(source.labels, limit, None, seed)
+    params = {"dataset": "digits", "size": size, "fmt": fmt, "resample": resample, "limit": limit,
+              "holdout": holdout, "seed": seed}
+    if holdout == 0.0:
+        return _write_tree(root, source, rows, render, {**params, "role": "index"}, overwrite)
+    index_rows, query_rows = _holdout_split(rows, source.labels, holdout, seed)
+    query_root = query_root or root.rstrip("/") + "-query"
+    query = _write_tree(query_root, source, query_rows, render, {**params, "role": "query"}, overwrite)
+    index = _write_tree(root, source, index_rows, render, {**params, "role": "index"}, overwrite)
+    return dataclasses.replace(index, query=query)
+
+
+def write_fashion_mnist(root: str, split: str = "train", size: int = 256, fmt: str = "jpg",
+                        limit: int | None = None, per_class: int | None = None, seed: int = 0,
+                        source: str = FASHION_MNIST_DIR, overwrite: bool = False) -> Tree:
+    """Write Fashion-MNIST's `split` ("train": 60,000, "test": 10,000) as `<root>/<class>/<split>-<row>.<fmt>`.
+
+    Reads the IDX files of Debian's dataset-fashion-mnist package (or any fsspec `source` directory
+    holding the same four .gz files); 28x28 grey images upscaled bilinearly to `size`, saved as RGB
+    (JPEG at quality 90). `per_class` keeps at most that many images per class, then `limit` at most
+    that many in all, spread evenly over the classes; rows are drawn with `seed`. Returns the tree.
+    Refuses a missing package (naming it), malformed files, bad arguments, and a root holding other
+    files unless `overwrite`.
+    """
+    if split not in FASHION_MNIST_FILES:
+        raise DatasetError(f"split must be one of {', '.join(FASHION_MNIST_FILES)}, not {split!r}")
+    render = _check_render(size, fmt, "bilinear")
+    pixels, labels = load_fashion_mnist(split, source)
+    data = _Source(pixels, labels.astype(np.int64), FASHION_MNIST_CATEGORIES, split)
+    rows = _select(data.labels, limit, per_class, seed)
+    params = {"dataset": "fashion-mnist", "split": split, "size": size, "fmt": fmt, "limit": limit,
+              "per_class": per_class, "seed": seed, "source": source, "role": "index"}
+    return _write_tree(root, data, rows, render, params, overwrite)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fashion-MNIST's IDX files
+
+
+def load_fashion_mnist(split: str = "train", source: str = FASHION_MNIST_DIR) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images [n, 28, 28], uint8 labels [n]) of a Fashion-MNIST split read from `source`.
+
+    Raises DatasetError naming the Debian package to install when the files are missing, and when the
+    files are malformed or disagree in length.
+    """
+    fs, path = gio.url_to_fs(source)
+    names = FASHION_MNIST_FILES[split]
+    missing = [n for n in names if not fs.exists(posixpath.join(path, n))]
+    if missing:
+        raise DatasetError(
+            f"Fashion-MNIST {split} files not found in {source}: {', '.join(missing)}. Install Debian's "
+            f"{FASHION_MNIST_PACKAGE} package (apt-get install -y {FASHION_MNIST_PACKAGE}), or point "
+            f"source/--source at a directory holding {', '.join(names)}"
+        )
+    images, labels = (read_idx(gio.join(source, n)) for n in names)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DatasetError(f"{source}: {names[0]} holds {images.shape}, {names[1]} holds {labels.shape}; "
+                           "expected [n, rows, cols] images and [n] labels")
+    if labels.max(initial=0) >= len(FASHION_MNIST_CATEGORIES):
+        raise DatasetError(f"{gio.join(source, names[1])}: label {labels.max()} is not a Fashion-MNIST class")
+    return images, labels
+
+
+def read_idx(uri: str) -> np.ndarray:
+    """The uint8 array in an IDX file (gzipped when `uri` ends in .gz): [n] labels or [n, rows, cols] images.
+
+    Parsed by hand with numpy: a 4-byte magic (0, 0, type 0x08 = uint8, number of dimensions), one
+    big-endian uint32 per dimension (8 header bytes for labels, 16 for images), then the data. Raises
+    DatasetError for another type, or a length that does not match the header.
+    """
+    try:
+        with fsspec.open(uri, "rb", compression="infer") as f:
+            data = f.read()
+    except (OSError, EOFError) as err:
+        raise DatasetError(f"{uri} could not be read: {err}") from err
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+        raise DatasetError(f"{uri} is not a uint8 IDX file (magic bytes {data[:4].hex() or 'missing'})")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DatasetError(f"{uri}: IDX header of {ndim} dimensions is truncated")
+    dims = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
+    if len(data) - header != math.prod(dims):
+        raise DatasetError(f"{uri}: header says {dims} = {math.prod(dims)} bytes, file holds {len(data) - header}")
+    return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
+
+
+# ----------------------------------------------------------------------------------------------
+# Choosing rows
+
+
+def _select(labels: np.ndarray, limit: int | None, per_class: int | None, seed: int) -> np.ndarray:
+    """Sorted rows to write: at most `per_class` per label, then at most `limit` spread evenly over labels.
+
+    All rows when both are None. Rows are drawn in a `seed`ed random order, so equal arguments pick
+    equal rows and a smaller limit picks a subset of a larger one's.
+    """
+    for name, value in (("limit", limit), ("per_class", per_class)):
+        if value is not None and value <= 0:
+            raise DatasetError(f"{name} must be positive, not {value}")
+    order = np.random.default_rng(seed).permutation(len(labels))
+    rank = np.empty(len(labels), np.int64)  # position of each row among its label's rows, in `order`
+    for label in np.unique(labels):
+        members = order[labels[order] == label]
+        rank[members] = np.arange(len(members))
+    keep = order if per_class is None else order[rank[order] < per_class]
+    if limit is not None and limit < len(keep):
+        # Round-robin over labels: every label's first row comes before any label's second row.
+        keep = keep[np.lexsort((labels[keep], rank[keep]))][:limit]
+    return np.sort(keep)
+
+
+def _holdout_split(rows: np.ndarray, labels: np.ndarray, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(index rows, query rows), sorted and disjoint, with `holdout` of each label's rows as queries.
+
+    Raises DatasetError when scikit-learn cannot stratify (a label with one row, or fewer query rows
+    than labels).
+    """
+    from sklearn.model_selection import train_test_split
+
+    try:
+        index, query = train_test_split(rows, test_size=holdout, stratify=labels[rows], random_state=seed)
+    except ValueError as err:
+        raise DatasetError(f"holdout={holdout} of {len(rows)} images cannot be stratified over "
+                           f"{len(np.unique(labels[rows]))} categories ({err}); raise limit or holdout") from err
+    return np.sort(index), np.sort(query)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing a tree
+
+
+def _check_render(size: int, fmt: str, resample: str) -> _Render:
+    """The render settings, or DatasetError naming the bad one."""
+    if not 1 <= size <= 4096:
+        raise DatasetError(f"size must be between 1 and 4096 pixels, not {size}")
+    if fmt not in FORMATS:
+        raise DatasetError(f"fmt must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    if resample not in RESAMPLING:
+        raise DatasetError(f"resample must be one of {', '.join(RESAMPLING)}, not {resample!r}")
+    return _Render(size, fmt, resample)
+
+
+def _encode(pixels: np.ndarray, render: _Render) -> bytes:
+    """One uint8 [h, w] grey image resized to render.size, as RGB PNG or JPEG (quality 90) bytes."""
+    image = Image.fromarray(pixels)
+    if image.size != (render.size, render.size):
+        image = image.resize((render.size, render.size), RESAMPLING[render.resample])
+    buffer = io.BytesIO()
+    options = {"quality": JPEG_QUALITY} if render.fmt == "jpg" else {}
+    image.convert("RGB").save(buffer, FORMATS[render.fmt], **options)
+    return buffer.getvalue()
+
+
+def _write_tree(root: str, source: _Source, rows: np.ndarray, render: _Render, params: dict[str, Any],
+                overwrite: bool) -> Tree:
+    """Write `rows` of `source` under `root`, then the marker; returns the tree (or the identical one found)."""
+    fs, path = gio.url_to_fs(root)
+    root = gio.full_uri(fs, path)  # canonical, so uris() equal io.discover_inputs' uris
+    existing = _prepare_root(fs, path, root, params, overwrite)
+    if existing is not None:
+        return existing
+    files = [f"{source.categories[source.labels[r]]}/{source.prefix}-{r:05d}.{render.fmt}" for r in rows]
+    for category in sorted({f.split("/", 1)[0] for f in files}):
+        fs.makedirs(posixpath.join(path, category), exist_ok=True)
+    for start in range(0, len(rows), _CHUNK):
+        chunk = range(start, min(start + _CHUNK, len(rows)))
+        fs.pipe({posixpath.join(path, files[i]): _encode(source.pixels[rows[i]], render) for i in chunk})
+    tree = Tree(root, tuple(files), tuple(int(r) for r in rows))
+    marker = {"params": params, "counts": tree.counts(), "files": files, "source_rows": list(tree.source_rows)}
+    fs.pipe_file(posixpath.join(path, MARKER), json.dumps(marker).encode())
+    return tree
+
+
+def _prepare_root(fs: fsspec.AbstractFileSystem, path: str, root: str, params: dict[str, Any],
+                  overwrite: bool) -> Tree | None:
+    """The tree already at `root` if its marker records equal `params` (a rerun writes nothing), else None
+    once `root` is empty. Files there are trusted to be as the marker lists them. Raises DatasetError
+    when `root` holds other files, unless `overwrite`, which deletes them first."""
+    marker_path = posixpath.join(path, MARKER)
+    try:
+        marker = json.loads(fs.cat_file(marker_path)) if fs.exists(marker_path) else None
+    except json.JSONDecodeError:
+        marker = None  # a damaged marker: treated like files this module did not write
+    if marker is not None and marker.get("params") == params and not overwrite:
+        return Tree(root, tuple(marker["files"]), tuple(marker["source_rows"]), reused=True)
+    if fs.exists(path) and fs.ls(path, detail=False):
+        if not overwrite:
+            what = "a tree written with other parameters" if marker else "files this module did not write"
+            raise DatasetError(f"{root} already holds {what}; pass overwrite=True (--overwrite) to replace "
+                               "them, or choose an empty root")
+        fs.rm(path, recursive=True)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m gatrep.datasets",
+                                     description="Write a labelled image tree <root>/<category>/<image>.")
+    sub = parser.add_subparsers(dest="dataset", required=True)
+    digits = sub.add_parser("digits", help="scikit-learn's 1,797 8x8 digits, upscaled")
+    digits.add_argument("root", help="output tree, any fsspec URI")
+    digits.add_argument("--size", type=int, default=64, help="pixels per side (default: 64)")
+    digits.add_argument("--fmt", choices=sorted(FORMATS), default="png", help="(default: png)")
+    digits.add_argument("--resample", choices=sorted(RESAMPLING), default="bilinear", help="(default: bilinear)")
+    digits.add_argument("--limit", type=int, help="at most this many images, spread evenly over digits")
+    digits.add_argument("--holdout", type=float, default=0.0, help="stratified fraction for a query tree")
+    digits.add_argument("--query-root", help="where held-out queries go (default: <root>-query)")
+    fashion = sub.add_parser("fashion-mnist", help=f"Fashion-MNIST from Debian's {FASHION_MNIST_PACKAGE}")
+    fashion.add_argument("root", help="output tree, any fsspec URI")
+    fashion.add_argument("--split", choices=sorted(FASHION_MNIST_FILES), default="train", help="(default: train)")
+    fashion.add_argument("--size", type=int, default=256, help="pixels per side (default: 256)")
+    fashion.add_argument("--fmt", choices=sorted(FORMATS), default="jpg", help="(default: jpg)")
+    fashion.add_argument("--limit", type=int, help="at most this many images, spread evenly over classes")
+    fashion.add_argument("--per-class", type=int, help="at most this many images per class")
+    fashion.add_argument("--source", default=FASHION_MNIST_DIR, help=f"IDX directory (default: {FASHION_MNIST_DIR})")
+    for p in (digits, fashion):
+        p.add_argument("--seed", type=int, default=0, help="which rows limit/holdout pick (default: 0)")
+        p.add_argument("--overwrite", action="store_true", help="replace whatever the root holds")
+    return parser
+
+
+def _describe(tree: Tree, seconds: float) -> str:
+    verb = "found complete" if tree.reused else f"wrote in {seconds:.1f} s"
+    counts = ", ".join(f"{c}={n}" for c, n in tree.counts().items())
+    return f"{tree.root}: {len(tree.files)} images, {verb} ({counts})"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns 0, or 1 with the reason on stderr when a DatasetError is raised."""
+    args = _parser().parse_args(argv)
+    start = time.perf_counter()
+    try:
+        if args.dataset == "digits":
+            tree = write_digits(args.root, args.size, args.fmt, args.limit, args.holdout, args.seed,
+                                args.resample, args.query_root, args.overwrite)
+        else:
+            tree = write_fashion_mnist(args.root, args.split, args.size, args.fmt, args.limit, args.per_class,
+                                       args.seed, args.source, args.overwrite)
+    except DatasetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    seconds = time.perf_counter() - start
+    for t in (tree, tree.query):
+        if t is not None:
+            print(_describe(t, seconds))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,351 @@
+"""Tests of cluster/: KubeRay manifests against the real CRDs, job command lines, launcher config, runtime env."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import io
+import os
+import re
+import shlex
+import sys
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "cluster"
+KUBERAY = CLUSTER / "kuberay"
+# The job modules a command line may name (jobs/__main__.py's list); not all of them are written yet.
+JOBS = ("embed", "graph", "train", "index", "query", "evaluate", "pipeline", "reindex", "report")
+INT32 = (-(2**31), 2**31 - 1)
+Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are 3 MB of YAML: the C parser is 10x faster
+
+
+def _shared_dir() -> Path | None:
+    """The shared folder holding kuberay-crds/: beside the repository, or $GATREP_SHARED."""
+    candidates = [Path(__file__).resolve().parents[2] / "shared"]
+    if os.environ.get("GATREP_SHARED"):
+        candidates.append(Path(os.environ["GATREP_SHARED"]))
+    return next((c for c in candidates if (c / "kuberay-crds").is_dir()), None)
+
+
+def _manifests() -> list[tuple[str, dict[str, Any]]]:
+    """(file name #document index, document) for every YAML document under cluster/kuberay/."""
+    found = []
+    for path in sorted(KUBERAY.glob("*.yaml")):
+        for i, doc in enumerate(yaml.load_all(path.read_text(), Loader=Loader)):
+            if doc is not None:
+                found.append((f"{path.name}#{i}", doc))
+    return found
+
+
+MANIFESTS = _manifests()
+BY_KIND = {doc["kind"]: doc for _, doc in MANIFESTS}
+
+
+# ----------------------------------------------------------------------------------------------
+# The CRDs' openAPIV3Schema as jsonschema validators
+
+
+@cache
+def _crd_schemas() -> dict[tuple[str, str, str], dict[str, Any]]:
+    """(group, version, kind) -> openAPIV3Schema of every CRD in the shared folder; skips without it."""
+    shared = _shared_dir()
+    if shared is None:
+        pytest.skip("no KubeRay CRDs: neither ../shared/kuberay-crds beside the repository nor "
+                    "$GATREP_SHARED/kuberay-crds exists")
+    schemas = {}
+    for path in sorted((shared / "kuberay-crds").glob("*.yaml")):
+        for crd in yaml.load_all(path.read_text(), Loader=Loader):
+            if not crd or crd.get("kind") != "CustomResourceDefinition":
+                continue
+            for version in crd["spec"]["versions"]:
+                key = (crd["spec"]["group"], version["name"], crd["spec"]["names"]["kind"])
+                schemas[key] = version["schema"]["openAPIV3Schema"]
+    return schemas
+
+
+def _structural(node: Any) -> Any:
+    """A copy of an openAPIV3Schema that jsonschema checks the way the API server does on create.
+
+    - objects with `properties` refuse unknown fields (kubectl's strict field validation; the server
+      would otherwise drop them silently), unless x-kubernetes-preserve-unknown-fields;
+    - x-kubernetes-int-or-string accepts an integer or a string; `nullable` accepts null.
+    """
+    if isinstance(node, list):
+        return [_structural(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    keep = ("properties", "enum", "default", "required", "x-kubernetes-list-map-keys", "x-kubernetes-validations")
+    out = {k: (v if k in keep else _structural(v)) for k, v in node.items()}
+    if "properties" in out:
+        out["properties"] = {name: _structural(sub) for name, sub in node["properties"].items()}
+    if out.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out.setdefault("anyOf", [{"type": "integer"}, {"type": "string"}])
+    if (out.get("type") == "object" and "properties" in out and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    if out.pop("nullable", False) and "type" in out:
+        out["type"] = [out["type"], "null"]
+    return out
+
+
+def _list_type(validator: Any, list_type: str, instance: Any, schema: dict[str, Any]) -> Iterator[Any]:
+    """x-kubernetes-list-type: `set` items are unique, `map` items are unique by their list-map-keys."""
+    if not isinstance(instance, list) or list_type == "atomic":
+        return
+    if list_type == "set":
+        keys = [repr(item) for item in instance]
+    else:
+        defaults = schema.get("items", {}).get("properties", {})
+        names = schema["x-kubernetes-list-map-keys"]
+        keys = [repr(tuple(item.get(k, defaults.get(k, {}).get("default")) for k in names)) for item in instance]
+    duplicates = sorted({k for k in keys if keys.count(k) > 1})
+    if duplicates:
+        yield jsonschema.ValidationError(f"duplicate items in a list of type {list_type}: {', '.join(duplicates)}")
+
+
+def _cel_rules(validator: Any, rules: list[dict[str, str]], instance: Any, schema: dict[str, Any]) -> Iterator[Any]:
+    """x-kubernetes-validations are CEL: transition rules (oldSelf) hold on create; others cannot be run here."""
+    for rule in rules:
+        if "oldSelf" not in rule["rule"]:
+            yield jsonschema.ValidationError(
+                f"this field has a CEL rule jsonschema cannot evaluate ({rule['rule']!r}: {rule.get('message')}); "
+                "check it with `kubectl apply --dry-run=server` and teach this test the rule"
+            )
+
+
+_FORMATS = jsonschema.FormatChecker(formats=())
+_FORMATS.checks("int32")(lambda v: not isinstance(v, int) or INT32[0] <= v <= INT32[1])
+_FORMATS.checks("int64")(lambda v: not isinstance(v, int) or -(2**63) <= v < 2**63)
+KubeValidator = jsonschema.validators.extend(
+    jsonschema.Draft7Validator,
+    {"x-kubernetes-list-type": _list_type, "x-kubernetes-validations": _cel_rules},
+)
+
+
+def _errors(doc: dict[str, Any]) -> list[str]:
+    """Every way `doc` disagrees with its kind's CRD, as 'path: message' lines (empty when valid)."""
+    group, _, version = doc.get("apiVersion", "").rpartition("/")
+    schema = _crd_schemas().get((group, version, doc.get("kind", "")))
+    if schema is None:
+        return [f"no CRD for apiVersion {doc.get('apiVersion')!r} kind {doc.get('kind')!r}"]
+    validator = KubeValidator(_structural_cached(group, version, doc["kind"]), format_checker=_FORMATS)
+    errors = [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message[:300]}"
+              for e in validator.iter_errors(doc)]
+    name = doc.get("metadata", {}).get("name", "")
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) or len(name) > 40:
+        errors.append(f"metadata.name: {name!r} is not a short DNS-1123 label (KubeRay derives pod names from it)")
+    return errors
+
+
+@cache
+def _structural_cached(group: str, version: str, kind: str) -> dict[str, Any]:
+    return _structural(_crd_schemas()[(group, version, kind)])
+
+
+# ----------------------------------------------------------------------------------------------
+# KubeRay manifests
+
+
+def test_kuberay_folder_holds_the_three_resources() -> None:
+    assert sorted(BY_KIND) == ["RayCluster", "RayCronJob", "RayJob"]
+
+
+@pytest.mark.parametrize("doc", [d for _, d in MANIFESTS], ids=[n for n, _ in MANIFESTS])
+def test_manifest_validates_against_its_crd(doc: dict[str, Any]) -> None:
+    errors = _errors(doc)
+    assert not errors, "\n".join(errors)
+
+
+@pytest.mark.parametrize("mistake, expected", [
+    (lambda d: d["spec"].__setitem__("entryPoint", "python -m jobs.pipeline"), "entryPoint"),
+    (lambda d: _cluster(d)["headGroupSpec"]["rayStartParams"].__setitem__("num-cpus", 0), "is not of type 'string'"),
+    (lambda d: _cluster(d)["workerGroupSpecs"][0].__setitem__("maxReplicas", 2**31), "int32"),
+    (lambda d: _cluster(d)["workerGroupSpecs"][0].pop("groupName"), "'groupName' is a required property"),
+    (lambda d: _containers(d)[0]["resources"]["limits"].__setitem__("memory", "lots"), "does not match"),
+    (lambda d: _containers(d).append(copy.deepcopy(_containers(d)[0])), "duplicate items"),
+    (lambda d: _cluster(d).__setitem__("managedBy", "me"), "CEL rule"),
+    (lambda d: d["metadata"].__setitem__("name", "Gatrep_Pipeline"), "DNS-1123"),
+])
+def test_validation_catches_mistakes(mistake: Any, expected: str) -> None:
+    doc = copy.deepcopy(BY_KIND["RayJob"])
+    assert not _errors(doc)
+    mistake(doc)
+    assert any(expected in e for e in _errors(doc)), _errors(doc)
+
+
+def _cluster(doc: dict[str, Any]) -> dict[str, Any]:
+    """The RayCluster spec of a RayCluster, RayJob or RayCronJob."""
+    spec = doc["spec"]
+    return {"RayCluster": lambda: spec, "RayJob": lambda: spec["rayClusterSpec"],
+            "RayCronJob": lambda: spec["jobTemplate"]["rayClusterSpec"]}[doc["kind"]]()
+
+
+def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The head pod's containers."""
+    return _cluster(doc)["headGroupSpec"]["template"]["spec"]["containers"]
+
+
+def _groups(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {g["groupName"]: g for g in _cluster(doc)["workerGroupSpecs"]}
+
+
+def test_job_clusters_match_the_standing_cluster() -> None:
+    standing = _cluster(BY_KIND["RayCluster"])
+    for kind in ("RayJob", "RayCronJob"):
+        spec = copy.deepcopy(_cluster(BY_KIND[kind]))
+        gpu = next(g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu")
+        # The one intended difference: job clusters start with a GPU pod (jobs.embed looks for GPUs at start).
+        assert gpu["minReplicas"] >= 1 and gpu["replicas"] >= gpu["minReplicas"], kind
+        gpu["minReplicas"] = gpu["replicas"] = 0
+        assert spec == standing, f"{kind}'s rayClusterSpec differs from raycluster.yaml's spec"
+
+
+@pytest.mark.parametrize("kind", ["RayCluster", "RayJob", "RayCronJob"])
+def test_groups_resources_and_images(kind: str) -> None:
+    import ray
+
+    cluster = _cluster(BY_KIND[kind])
+    ray_version = cluster["rayVersion"]
+    assert ray_version.split(".")[:2] == ray.__version__.split(".")[:2], "rayVersion differs from the installed Ray"
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    groups = _groups(BY_KIND[kind])
+    assert set(groups) == {"gpu", "cpu"}
+    pods = [("head", cluster["headGroupSpec"]["template"])] + [(n, g["template"]) for n, g in groups.items()]
+    for name, template in pods:
+        for container in template["spec"]["containers"]:
+            image = container["image"]
+            assert f"ray{ray_version}-py311-" in image, f"{name}: image {image} is not built on Ray {ray_version}"
+            assert image.endswith("-gpu") == (name == "gpu"), f"{name}: {image}"
+            limits = container["resources"]["limits"]
+            assert ("nvidia.com/gpu" in limits) == (name == "gpu"), f"{name}: GPU limit"
+            assert container["resources"]["requests"] == limits, f"{name}: requests differ from limits"
+    for group in groups.values():
+        assert 0 <= group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"]
+
+
+def test_dockerfile_base_matches_the_manifests() -> None:
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    base = re.search(r"^ARG BASE=(\S+)$", dockerfile, re.MULTILINE)
+    ray_version = _cluster(BY_KIND["RayCluster"])["rayVersion"]
+    assert base is not None and base.group(1) == f"rayproject/ray:{ray_version}-py311-gpu"
+
+
+# ----------------------------------------------------------------------------------------------
+# Job command lines
+
+
+def _entrypoints() -> dict[str, str]:
+    return {"RayJob": BY_KIND["RayJob"]["spec"]["entrypoint"],
+            "RayCronJob": BY_KIND["RayCronJob"]["spec"]["jobTemplate"]["entrypoint"]}
+
+
+def _parse_command(command: str) -> tuple[str, dict[str, str]]:
+    """(job name, {flag: value}) of `python -m jobs.<name> --flag value ...`; refuses anything else."""
+    words = shlex.split(command)
+    assert words[:2] == ["python", "-m"] and words[2].startswith("jobs."), command
+    flags = words[3:]
+    pairs = len(flags) % 2 == 0 and all(f.startswith("--") for f in flags[::2])
+    assert pairs, f"flags are not --name value pairs: {command}"
+    return words[2].removeprefix("jobs."), dict(zip(flags[::2], flags[1::2], strict=True))
+
+
+@cache
+def _help(job: str) -> str | None:
+    """What `python -m jobs.<job> --help` prints, or None while the job is not written yet."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    if importlib.util.find_spec(f"jobs.{job}") is None:
+        return None
+    # In this process rather than a subprocess per job: the imports (torch, ray) are paid once.
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            code = importlib.import_module(f"jobs.{job}").main(["--help"])
+        except SystemExit as exited:  # argparse's --help
+            code = exited.code
+    assert code in (0, None), f"python -m jobs.{job} --help exited with {code}"
+    return out.getvalue()
+
+
+def test_entrypoints_run_known_jobs_with_uri_flags() -> None:
+    jobs = {kind: _parse_command(command) for kind, command in _entrypoints().items()}
+    assert jobs["RayJob"][0] == "pipeline" and jobs["RayCronJob"][0] == "reindex"
+    for job, flags in jobs.values():
+        assert job in JOBS
+        assert set(flags) == {"--input", "--run"} and all("://" in v for v in flags.values()), flags
+
+
+def test_documented_commands_name_known_jobs_and_flags_they_accept() -> None:
+    """Every `python -m jobs.X --flag ...` in cluster/ names a known job; jobs written already accept its flags."""
+    texts = [p.read_text() for p in sorted(CLUSTER.rglob("*")) if p.suffix in (".md", ".yaml")]
+    lines = [line for t in [*texts, *_entrypoints().values()] for line in re.sub(r"\\\n\s*", " ", t).splitlines()]
+    # A command runs to the end of its line, a shell comment, or the end of inline code.
+    commands = [re.split(r"\s#|`|\|", m.group(0))[0] for line in lines
+                for m in re.finditer(r"python -m jobs\.\w+.*", line)]
+    assert len(commands) >= 8, commands
+    for command in commands:
+        job = command.split()[2].removeprefix("jobs.")
+        assert job in JOBS, f"unknown job in {command!r}"
+        help_text = _help(job)
+        for flag in re.findall(r"(?<!\S)(--[\w-]+)", command):
+            assert help_text is None or flag in help_text, f"jobs.{job} has no {flag} (in {command!r})"
+
+
+def test_nightly_reindex_runs_at_two_utc() -> None:
+    spec = BY_KIND["RayCronJob"]["spec"]
+    assert spec["schedule"].split() == ["0", "2", "*", "*", "*"]
+    assert spec["timeZone"] in ("UTC", "Etc/UTC")
+    assert not spec.get("suspend", False)
+    # A run must end before the next one starts: RayCronJob v1.7 has no concurrency policy.
+    assert 0 < spec["jobTemplate"]["activeDeadlineSeconds"] < 24 * 3600
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray cluster launcher config and runtime env
+
+
+def test_ray_cluster_launcher_config() -> None:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())
+    for key in ("cluster_name", "provider", "max_workers", "head_node_type", "available_node_types", "docker",
+                "head_start_ray_commands", "worker_start_ray_commands"):
+        assert key in config, f"cluster/ray-cluster.yaml has no {key}"
+    prepared = prepare_config(copy.deepcopy(config))  # what `ray up` does before it contacts AWS
+    validate_config(prepared)  # Ray's own ray-schema.json and its cross-field checks
+    types = prepared["available_node_types"]
+    assert types[config["head_node_type"]]["resources"] == {"CPU": 0}
+    assert any(t["node_config"]["InstanceType"].startswith(("g", "p")) for t in types.values()), "no GPU node type"
+    ray_version = _cluster(BY_KIND["RayCluster"])["rayVersion"]
+    assert config["docker"]["image"].startswith(f"rayproject/ray:{ray_version}-py311")
+
+
+def test_runtime_env_validates_and_lists_the_project_dependencies(monkeypatch: pytest.MonkeyPatch) -> None:
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from ray.runtime_env import RuntimeEnv
+
+    env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
+    monkeypatch.chdir(REPO)  # working_dir "." is where `ray job submit` runs
+    parsed = RuntimeEnv(**env)  # Ray's own validation of every field
+    assert parsed["working_dir"] == "." and "NUMBA_CACHE_DIR" in env["env_vars"]
+    assert "OMP_NUM_THREADS" not in env["env_vars"]
+    assert {".git/", ".venv/"} <= set(env["excludes"])
+    wanted = {canonicalize_name(r.name): str(r.specifier) for r in map(
+        Requirement, tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"])}
+    wanted.pop(canonicalize_name("ray"))  # the cluster's own Ray
+    listed = {canonicalize_name(r.name): str(r.specifier) for r in map(Requirement, parsed["pip"]["packages"])}
+    assert {k: v for k, v in listed.items() if k in wanted} == wanted
+    assert set(listed) - set(wanted) <= {"s3fs", "gcsfs"}, "runtime_env.yaml installs packages gatrep does not need"
