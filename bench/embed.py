@@ -70,7 +70,7 @@ def job_rate(data: str, backbone: str, weights: str, batch: int) -> tuple[float,
     from gatrep.config import EmbedConfig
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = EmbedConfig(input=data, out=out, backbone=backbone, weights=weights, batch_size=batch)
+        cfg = EmbedConfig(input=data, run=out, backbone=backbone, weights=weights, batch_size=batch)
         start = time.perf_counter()
         manifest = embed.run(cfg)
         return manifest["rows"] / (time.perf_counter() - start), manifest

@@ -24,7 +24,7 @@ class EmbedConfig:
     """The embedding stage: images -> `embeddings` table."""
 
     input: str = dataclasses.field(metadata={"help": "image tree or manifest (.parquet/.csv), any fsspec URI"})
-    out: str = dataclasses.field(metadata={"help": "run root URI; the stage is written to <out>/embeddings"})
+    run: str = dataclasses.field(metadata={"help": "run root URI; the stage is written to <run>/embeddings"})
     backbone: str = dataclasses.field(default="mobilenet_v2", metadata={"help": "backbone name (see --list)"})
     weights: str = dataclasses.field(
         default="default",
@@ -32,6 +32,11 @@ class EmbedConfig:
     )
     batch_size: int = dataclasses.field(default=64, metadata={"help": "images per backbone batch"})
     decode_batch_size: int = dataclasses.field(default=32, metadata={"help": "files per read/decode task"})
+    device: str = dataclasses.field(
+        default="auto",
+        metadata={"help": "auto (GPU actors if the cluster has GPUs now), cuda (ask for GPUs: lets an "
+                          "autoscaler add GPU nodes), or cpu"},
+    )
     actors: int = dataclasses.field(
         default=0, metadata={"help": "backbone actors; 0 = one per GPU, or one on a CPU-only cluster"}
     )
@@ -47,6 +52,8 @@ class EmbedConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ConfigError(f"device must be auto, cuda or cpu, not {self.device!r}")
         if self.dtype not in ("float32", "float16"):
             raise ConfigError(f"dtype must be float32 or float16, not {self.dtype!r}")
         for name in ("batch_size", "decode_batch_size", "max_pixels", "max_bytes"):
@@ -122,3 +129,206 @@ def parse(cls: type[C], argv: Sequence[str] | None, description: str) -> C:
     except ConfigError as err:
         parser.error(str(err))
     raise AssertionError("unreachable")
+
+
+GROUP_BY = ("none", "listing", "category")
+ENCODERS = ("gat", "sage")
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphConfig:
+    """The graph stage: `embeddings` -> cosine k-NN `graph` table (pynndescent, optional mutual k-NN)."""
+
+    run: str = dataclasses.field(metadata={"help": "run root URI; reads <run>/embeddings, writes <run>/graph"})
+    k: int = dataclasses.field(default=10, metadata={"help": "neighbours per node (the node itself excluded)"})
+    metric: str = dataclasses.field(default="cosine", metadata={"help": "pynndescent metric: cosine or euclidean"})
+    mutual: bool = dataclasses.field(
+        default=False, metadata={"help": "keep only mutual neighbours (GRAD-Net eq. 8); others become -1"}
+    )
+    group_by: str = dataclasses.field(
+        default="none", metadata={"help": "none (whole collection), listing or category: one graph per group"}
+    )
+    only: str | None = dataclasses.field(
+        default=None, metadata={"help": "build the graph of this one listing/category (needs --group-by)"}
+    )
+    n_jobs: int = dataclasses.field(default=-1, metadata={"help": "pynndescent threads; -1 = all cores"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "random seed of pynndescent and the recall sample"})
+    build_k: int = dataclasses.field(
+        default=0, metadata={"help": "neighbours pynndescent keeps while building; 0 = max(2k, 30) (recall)"}
+    )
+    exact_below: int = dataclasses.field(
+        default=4096, metadata={"help": "groups with fewer nodes use exact brute-force search"}
+    )
+    recall_sample: int = dataclasses.field(
+        default=1000, metadata={"help": "nodes whose neighbours are checked against exact search"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.k <= 0:
+            raise ConfigError(f"k must be positive, not {self.k}")
+        if self.metric not in ("cosine", "euclidean"):
+            raise ConfigError(f"metric must be cosine or euclidean, not {self.metric!r}")
+        if self.group_by not in GROUP_BY:
+            raise ConfigError(f"group_by must be one of {', '.join(GROUP_BY)}, not {self.group_by!r}")
+        if self.only is not None and self.group_by == "none":
+            raise ConfigError("--only needs --group-by listing or --group-by category")
+        if self.build_k and self.build_k <= self.k:
+            raise ConfigError(f"build_k must exceed k ({self.k}) so that the node itself can be dropped")
+        if self.exact_below < 0 or self.recall_sample < 0:
+            raise ConfigError("exact_below and recall_sample must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything that rebuilds a graph autoencoder; the defaults are the paper's GAT-AE (the `paper` preset)."""
+
+    in_dim: int = dataclasses.field(metadata={"help": "input feature size (the embedding dimension)"})
+    encoder: str = dataclasses.field(default="gat", metadata={"help": "gat (the paper) or sage (GraphSAGE)"})
+    hidden: int = dataclasses.field(default=256, metadata={"help": "channels per head of each graph layer"})
+    heads: int = dataclasses.field(default=4, metadata={"help": "attention heads of each GATConv layer"})
+    latent_dim: int = dataclasses.field(default=256, metadata={"help": "size of the latent layer"})
+    decoder_hidden: tuple[int, ...] = dataclasses.field(
+        default=(512,), metadata={"help": "hidden sizes of the fully connected decoder, comma separated"}
+    )
+    dropout: float = dataclasses.field(default=0.0, metadata={"help": "dropout on the graph layers' inputs"})
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise ConfigError(f"encoder must be one of {', '.join(ENCODERS)}, not {self.encoder!r}")
+        for name in ("in_dim", "hidden", "heads", "latent_dim"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
+        if any(h <= 0 for h in self.decoder_hidden):
+            raise ConfigError(f"decoder_hidden sizes must be positive, not {self.decoder_hidden}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), not {self.dropout}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The training stage: `graph` + `embeddings` -> `model` (GAT-AE on Ray Train) and `latents`."""
+
+    run: str = dataclasses.field(metadata={"help": "run root URI; reads graph and embeddings, writes model, latents"})
+    encoder: str = dataclasses.field(default="gat", metadata={"help": "gat (the paper) or sage (GraphSAGE)"})
+    hidden: int = dataclasses.field(default=256, metadata={"help": "channels per head of each graph layer"})
+    heads: int = dataclasses.field(default=4, metadata={"help": "attention heads of each GATConv layer"})
+    latent_dim: int = dataclasses.field(default=256, metadata={"help": "size of the latent layer"})
+    decoder_hidden: tuple[int, ...] = dataclasses.field(
+        default=(512,), metadata={"help": "hidden sizes of the fully connected decoder, comma separated"}
+    )
+    dropout: float = dataclasses.field(default=0.0, metadata={"help": "dropout on the graph layers' inputs"})
+    epochs: int = dataclasses.field(default=200, metadata={"help": "passes over the seed nodes (the paper: 200)"})
+    lr: float = dataclasses.field(default=1e-3, metadata={"help": "Adam learning rate"})
+    batch_size: int = dataclasses.field(default=512, metadata={"help": "seed nodes per mini-batch and worker"})
+    num_neighbors: tuple[int, ...] = dataclasses.field(
+        default=(10, 10), metadata={"help": "neighbours sampled per hop, one per graph layer; -1 = all"}
+    )
+    workers: int = dataclasses.field(default=1, metadata={"help": "Ray Train workers (DDP processes)"})
+    cpus_per_worker: int = dataclasses.field(default=1, metadata={"help": "CPUs reserved by each worker"})
+    gpus_per_worker: float = dataclasses.field(default=0.0, metadata={"help": "GPUs reserved by each worker"})
+    threads_per_worker: int = dataclasses.field(
+        default=0, metadata={"help": "torch threads in each worker; 0 = cpus_per_worker"}
+    )
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed of the weights and the neighbour sampler"})
+    max_failures: int = dataclasses.field(
+        default=2, metadata={"help": "worker failures survived by resuming from the last checkpoint"}
+    )
+    resume: bool = dataclasses.field(
+        default=True, metadata={"help": "continue from the run's last checkpoint when one exists"}
+    )
+    inference_batch_size: int = dataclasses.field(
+        default=4096, metadata={"help": "nodes per batch when computing the context-aware latents"}
+    )
+    max_batches: int = dataclasses.field(
+        default=0, metadata={"help": "mini-batches per epoch and worker; 0 = all (a smaller value for smoke runs)"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise ConfigError(f"encoder must be one of {', '.join(ENCODERS)}, not {self.encoder!r}")
+        for name in ("epochs", "batch_size", "workers", "cpus_per_worker", "inference_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
+        if not self.num_neighbors or any(n == 0 or n < -1 for n in self.num_neighbors):
+            raise ConfigError(f"num_neighbors needs one value per layer, each > 0 or -1, not {self.num_neighbors}")
+        if len(self.num_neighbors) != 2:
+            raise ConfigError(f"the encoders have 2 graph layers: give 2 num_neighbors, not {self.num_neighbors}")
+        if self.lr <= 0 or self.gpus_per_worker < 0 or self.threads_per_worker < 0 or self.max_batches < 0:
+            raise ConfigError("lr must be positive; gpus_per_worker, threads_per_worker and max_batches >= 0")
+
+    def model_config(self, in_dim: int) -> ModelConfig:
+        """The ModelConfig these flags describe for features of size `in_dim`."""
+        return ModelConfig(in_dim=in_dim, encoder=self.encoder, hidden=self.hidden, heads=self.heads,
+                           latent_dim=self.latent_dim, decoder_hidden=self.decoder_hidden, dropout=self.dropout)
+
+
+INDEX_SOURCES = ("latents", "embeddings")
+REPRESENTATIVE_METHODS = ("most_central", "centroid", "degree")
+CATEGORY_MODES = ("given", "threshold", "kmeans", "dbscan")
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexConfig:
+    """The index stage: `latents` (or `embeddings`, for baselines) -> representatives, categories, ANN indexes."""
+
+    run: str = dataclasses.field(metadata={"help": "run root URI; reads <run>/<input-stage>, writes <run>/<stage>"})
+    source: str = dataclasses.field(
+        default="latents", metadata={"help": "latents (GAT-AE) or embeddings (raw backbone features: baselines)"}
+    )
+    input_stage: str = dataclasses.field(
+        default="", metadata={"help": "directory of the source stage under --run; '' = the --source name"}
+    )
+    stage: str = dataclasses.field(
+        default="index", metadata={"help": "output directory under --run (e.g. index-clip-centroid for a baseline)"}
+    )
+    method: str = dataclasses.field(
+        default="most_central", metadata={"help": "listing representative: most_central, centroid or degree"}
+    )
+    categories: str = dataclasses.field(
+        default="given", metadata={"help": "given (input's categories), or discover: threshold, kmeans, dbscan"}
+    )
+    top_k: int = dataclasses.field(default=5, metadata={"help": "most central images stored per listing"})
+    top_m: int = dataclasses.field(
+        default=3, metadata={"help": "most central images per category kept as extra representatives"}
+    )
+    category_threshold: float = dataclasses.field(
+        default=0.8, metadata={"help": "threshold discovery: listings with cosine >= this share a category"}
+    )
+    n_clusters: int = dataclasses.field(default=0, metadata={"help": "kmeans discovery: number of categories"})
+    dbscan_eps: float = dataclasses.field(default=0.2, metadata={"help": "dbscan discovery: cosine distance eps"})
+    dbscan_min_samples: int = dataclasses.field(default=2, metadata={"help": "dbscan discovery: min_samples"})
+    degree_threshold: float = dataclasses.field(
+        default=0.8, metadata={"help": "degree method: edge where cosine > this"}
+    )
+    exact_max: int = dataclasses.field(
+        default=20_000, metadata={"help": "exact pairwise work up to this many rows per group; k-NN graph above"}
+    )
+    merge_threshold: float = dataclasses.field(
+        default=0.8, metadata={"help": "listing pairs with representative cosine >= this are merge suggestions"}
+    )
+    similarity_max_listings: int = dataclasses.field(
+        default=2000, metadata={"help": "all listing pairs up to this many listings; top neighbours above"}
+    )
+    similarity_neighbours: int = dataclasses.field(
+        default=10, metadata={"help": "neighbours per listing kept above --similarity-max-listings"}
+    )
+    ann_min_size: int = dataclasses.field(
+        default=4096, metadata={"help": "categories with at least this many images get a pynndescent index"}
+    )
+    ann_neighbours: int = dataclasses.field(default=30, metadata={"help": "pynndescent n_neighbors"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed of pynndescent and K-Means"})
+
+    def __post_init__(self) -> None:
+        choices = (("source", INDEX_SOURCES), ("method", REPRESENTATIVE_METHODS), ("categories", CATEGORY_MODES))
+        for name, allowed in choices:
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        if self.categories == "kmeans" and self.n_clusters < 1:
+            raise ConfigError("--categories kmeans needs --n-clusters >= 1")
+        for name in ("top_k", "top_m", "dbscan_min_samples", "similarity_neighbours", "ann_neighbours"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, not {getattr(self, name)}")
+        if self.exact_max < 0 or self.similarity_max_listings < 0 or self.ann_min_size < 0:
+            raise ConfigError("exact_max, similarity_max_listings and ann_min_size must be >= 0")
+        if not self.stage or "/" in self.stage:
+            raise ConfigError(f"stage must be a plain directory name, not {self.stage!r}")

@@ -80,7 +80,7 @@ class Embedder:
 
 
 def run(cfg: EmbedConfig) -> dict[str, Any]:
-    """Embed every input file of `cfg.input` into `<cfg.out>/embeddings` and publish it.
+    """Embed every input file of `cfg.input` into `<cfg.run>/embeddings` and publish it.
 
     Rows already in a published stage with the same uri and content hash are kept, not re-embedded.
     Returns the manifest. Raises io.InputError for a bad input, StageMismatch when the existing stage
@@ -88,7 +88,7 @@ def run(cfg: EmbedConfig) -> dict[str, Any]:
     """
     backbone = backbones.get(cfg.backbone)
     backbone.load(cfg.weights, "cpu")  # fail fast on missing weights, before Ray starts any work
-    stage_uri = io.join(cfg.out, STAGE)
+    stage_uri = io.join(cfg.run, STAGE)
     timings: dict[str, float] = {}
     with io.timed(timings, "discover"):
         inputs = io.discover_inputs(cfg.input)
@@ -123,7 +123,7 @@ def _previous_stage(stage_uri: str, cfg: EmbedConfig) -> dict[str, Any] | None:
         if manifest["config"].get(key) != getattr(cfg, key):
             raise StageMismatch(
                 f"{stage_uri} was built with {key}={manifest['config'].get(key)!r}, not {getattr(cfg, key)!r}; "
-                f"write to another --out, or delete that stage to rebuild it"
+                f"write to another --run, or delete that stage to rebuild it"
             )
     return manifest
 
@@ -139,7 +139,7 @@ def _known_ids(stage_uri: str, manifest: dict[str, Any] | None) -> dict[str, str
 
 def _embed(inputs: pa.Table, cfg: EmbedConfig, dim: int, known: dict[str, str], run_dir: str) -> list[str]:
     """Run the Ray Data pipeline over `inputs`; returns the Parquet files it wrote."""
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    gpus = _gpus(cfg)
     actors = cfg.actors or max(gpus, 1)
     # Our own reader instead of ray.data.read_binary_files: that one fails the whole job on a
     # missing or unreadable file, and every input must get a row. One block per decode batch keeps
@@ -160,6 +160,15 @@ def _embed(inputs: pa.Table, cfg: EmbedConfig, dim: int, known: dict[str, str], 
     )
     ds.write_parquet(run_dir)
     return io.list_parquet(run_dir)
+
+
+def _gpus(cfg: EmbedConfig) -> int:
+    """How many GPU actors to ask for. With --device cuda at least one, even when the cluster has
+    none yet: the request is what makes an autoscaler start a GPU node."""
+    if cfg.device == "cpu":
+        return 0
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    return max(gpus, 1) if cfg.device == "cuda" else gpus
 
 
 def _cpus_per_actor(actors: int) -> int:

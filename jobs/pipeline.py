@@ -16,6 +16,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--run", default="runs/demo", help="run root URI (default: runs/demo)")
     parser.add_argument("--backbone", default="mobilenet_v2", help="backbone name (default: mobilenet_v2)")
     parser.add_argument("--weights", default="default", help="'default', 'random' or a weights file")
+    parser.add_argument("--device", default="auto", help="auto, cuda or cpu (see jobs.embed --help)")
     return parser.parse_args(argv)
 
 
@@ -38,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
 
         start = time.perf_counter()
         source = args.input or demo_input(args.run)
-        code = embed.main(["--input", source, "--out", args.run, "--backbone", args.backbone,
-                           "--weights", args.weights])
+        code = embed.main(["--input", source, "--run", args.run, "--backbone", args.backbone,
+                           "--weights", args.weights, "--device", args.device])
         if code:
             raise SystemExit(code)
         print(f"pipeline finished in {time.perf_counter() - start:.1f} s; stages under {args.run}")

@@ -11,9 +11,9 @@ from jobs import __main__ as cli
 
 def test_yaml_then_flags(tmp_path):
     path = tmp_path / "embed.yaml"
-    path.write_text("input: /data/in\nout: /data/out\nbatch-size: 8\ndtype: float16\n")
+    path.write_text("input: /data/in\nrun: /data/out\nbatch-size: 8\ndtype: float16\n")
     cfg = config.parse(EmbedConfig, ["--config", str(path), "--batch-size", "16"], "test")
-    assert (cfg.input, cfg.out, cfg.batch_size, cfg.dtype, cfg.backbone) == (
+    assert (cfg.input, cfg.run, cfg.batch_size, cfg.dtype, cfg.backbone) == (
         "/data/in", "/data/out", 16, "float16", "mobilenet_v2")
     assert config.from_dict(EmbedConfig, config.to_dict(cfg)) == cfg
 
@@ -21,9 +21,10 @@ def test_yaml_then_flags(tmp_path):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--input", "x"], "missing required flags: --out"),
-        (["--input", "x", "--out", "y", "--dtype", "int8"], "dtype must be float32 or float16, not 'int8'"),
-        (["--input", "x", "--out", "y", "--batch-size", "0"], "batch_size must be positive, not 0"),
+        (["--input", "x"], "missing required flags: --run"),
+        (["--input", "x", "--run", "y", "--dtype", "int8"], "dtype must be float32 or float16, not 'int8'"),
+        (["--input", "x", "--run", "y", "--batch-size", "0"], "batch_size must be positive, not 0"),
+        (["--input", "x", "--run", "y", "--device", "tpu"], "device must be auto, cuda or cpu, not 'tpu'"),
     ],
 )
 def test_bad_flags_exit_with_a_message(argv, message, capsys):
@@ -35,7 +36,7 @@ def test_bad_flags_exit_with_a_message(argv, message, capsys):
 
 def test_unknown_keys_are_named():
     with pytest.raises(config.ConfigError, match="unknown EmbedConfig keys: colour"):
-        config.from_dict(EmbedConfig, {"input": "a", "out": "b", "colour": "red"})
+        config.from_dict(EmbedConfig, {"input": "a", "run": "b", "colour": "red"})
 
 
 def test_console_script_dispatches_and_lists_jobs(capsys):

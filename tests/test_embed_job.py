@@ -58,7 +58,7 @@ def tree(tmp_path):
 
 
 def config(tree, out, **overrides) -> EmbedConfig:
-    values = dict(input=str(tree), out=str(out), backbone="tiny-random", batch_size=8, decode_batch_size=8,
+    values = dict(input=str(tree), run=str(out), backbone="tiny-random", batch_size=8, decode_batch_size=8,
                   max_pixels=20_000_000)
     return EmbedConfig(**{**values, **overrides})
 
@@ -70,7 +70,7 @@ def read(out):
 
 def test_every_file_gets_one_row_and_a_rerun_reuses_them(tree, tmp_path, capsys):
     out = tmp_path / "run"
-    assert embed_job.main(["--input", str(tree), "--out", str(out), "--backbone", "tiny-random",
+    assert embed_job.main(["--input", str(tree), "--run", str(out), "--backbone", "tiny-random",
                            "--batch-size", "8", "--decode-batch-size", "8", "--max-pixels", "20000000"]) == 0
     printed = capsys.readouterr().out
     assert "embeddings: 41 rows, 36 ok, 41 newly read, 0 reused" in printed
@@ -144,12 +144,12 @@ def test_input_and_stage_errors_are_one_line(tree, tmp_path, capsys):
     out = tmp_path / "run"
     embed.run(config(tree, out))
     capsys.readouterr()  # drop Ray's own log lines
-    code = embed_job.main(["--input", str(tree), "--out", str(out), "--backbone", "hog"])
+    code = embed_job.main(["--input", str(tree), "--run", str(out), "--backbone", "hog"])
     assert code == 2
     assert capsys.readouterr().err.strip() == (
         f"error: {out}/embeddings was built with backbone='tiny-random', not 'hog'; "
-        "write to another --out, or delete that stage to rebuild it")
-    assert embed_job.main(["--input", str(tmp_path / "nowhere"), "--out", str(out), "--backbone", "hog"]) == 2
+        "write to another --run, or delete that stage to rebuild it")
+    assert embed_job.main(["--input", str(tmp_path / "nowhere"), "--run", str(out), "--backbone", "hog"]) == 2
     assert "error: input" in capsys.readouterr().err
     # Nothing was written by the refused runs.
     assert [f.name for f in (out / "embeddings").iterdir()].count(io.MANIFEST) == 1
