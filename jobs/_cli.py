@@ -5,14 +5,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from gatrep.backbones.weights import WeightsNotFound
 from gatrep.config import ConfigError
 from gatrep.io import InputError, StageError
 from gatrep.schemas import SchemaError
 
 # Errors that describe bad input or a bad invocation: no traceback, the message says what to do.
+# FileNotFoundError covers backbones' WeightsNotFound without importing torch into every job.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError, InputError, StageError, SchemaError, WeightsNotFound, KeyError, FileExistsError,
+    ConfigError, InputError, StageError, SchemaError, FileNotFoundError, KeyError, FileExistsError,
 )
 
 

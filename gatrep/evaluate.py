@@ -1,0 +1,177 @@
+"""Categorization metrics (accuracy, per-class and averaged precision/recall/F1) and retrieval precision/recall/mAP."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from gatrep.query import Searcher
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassMetrics:
+    """Precision, recall, F1 and support (true count) of one class or one average."""
+
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Categorization:
+    """The paper's Table II: accuracy, per-class precision/recall/F1, macro and weighted averages."""
+
+    accuracy: float
+    per_class: dict[str, ClassMetrics]
+    macro: ClassMetrics
+    weighted: ClassMetrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Retrieval:
+    """Mean precision@k, recall@k and AP@k over the queries that have any relevant item (`queries` of them)."""
+
+    k: int
+    precision: float
+    recall: float
+    map: float
+    queries: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodResult:
+    """One method's column in the side-by-side table."""
+
+    name: str
+    categorization: Categorization
+    retrieval: Retrieval | None = None
+
+
+def categorization(y_true: Sequence[Any], y_pred: Sequence[Any], labels: Sequence[str] | None = None) -> Categorization:
+    """Accuracy and per-class / macro / weighted precision, recall and F1 (sklearn.metrics), labels as strings.
+
+    `labels` fixes the classes reported (default: every label seen in y_true or y_pred, sorted). A class
+    never predicted has precision 0 rather than a warning. Refuses empty or unequal-length inputs.
+    """
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+    true = np.asarray([str(y) for y in y_true], dtype=object)
+    pred = np.asarray([str(y) for y in y_pred], dtype=object)
+    if true.size == 0 or true.size != pred.size:
+        raise ValueError(f"categorization needs equal, non-empty label lists (got {true.size} and {pred.size})")
+    classes = sorted(set(true) | set(pred)) if labels is None else [str(label) for label in labels]
+    p, r, f, s = precision_recall_fscore_support(true, pred, labels=classes, zero_division=0)
+    per_class = {c: ClassMetrics(float(p[i]), float(r[i]), float(f[i]), int(s[i])) for i, c in enumerate(classes)}
+    averages = {}
+    for average in ("macro", "weighted"):
+        ap, ar, af, _ = precision_recall_fscore_support(true, pred, labels=classes, average=average, zero_division=0)
+        averages[average] = ClassMetrics(float(ap), float(ar), float(af), int(s.sum()))
+    return Categorization(float(accuracy_score(true, pred)), per_class, averages["macro"], averages["weighted"])
+
+
+def retrieval(query_labels: Sequence[Any], retrieved_labels: Sequence[Sequence[Any]], relevant_counts: Sequence[int],
+              k: int) -> Retrieval:
+    """precision@k, recall@k and mAP@k where an item is relevant when its label equals the query's label.
+
+    For a query with R relevant items in the index and hits rel_1..rel_k (1 if the i-th retrieved item is
+    relevant; missing items, when fewer than k were returned, count as not relevant):
+      precision@k = Σ rel_i / k
+      recall@k    = Σ rel_i / R            (R counts every relevant item in the index, so it is < 1 when R > k)
+      AP@k        = Σ_i precision@i · rel_i / min(R, k)   (1 for a perfect ranking)
+    Queries with R = 0 are left out of the means (`queries` says how many were kept). Refuses k < 1 or
+    lists of different lengths.
+    """
+    if k < 1:
+        raise ValueError(f"retrieval metrics need k >= 1, got {k}")
+    if not len(query_labels) == len(retrieved_labels) == len(relevant_counts):
+        raise ValueError("query_labels, retrieved_labels and relevant_counts need one entry per query")
+    precisions, recalls, aps = [], [], []
+    for label, retrieved, relevant in zip(query_labels, retrieved_labels, relevant_counts, strict=True):
+        if relevant <= 0:
+            continue
+        hits = np.zeros(k)
+        found = [str(r) == str(label) for r in list(retrieved)[:k] if r is not None]
+        hits[:len(found)] = found
+        precisions.append(hits.sum() / k)
+        recalls.append(hits.sum() / relevant)
+        precision_at = np.cumsum(hits) / np.arange(1, k + 1)
+        aps.append(float((precision_at * hits).sum() / min(relevant, k)))
+    if not precisions:
+        return Retrieval(k, float("nan"), float("nan"), float("nan"), 0)
+    return Retrieval(k, float(np.mean(precisions)), float(np.mean(recalls)), float(np.mean(aps)), len(precisions))
+
+
+def method_result(name: str, y_true: Sequence[Any], y_pred: Sequence[Any],
+                  retrieved_labels: Sequence[Sequence[Any]] | None = None, relevant_counts: Sequence[int] | None = None,
+                  k: int = 10, labels: Sequence[str] | None = None) -> MethodResult:
+    """Categorization (and retrieval, when retrieved labels are given) of one method on one labelled split."""
+    result = None
+    if retrieved_labels is not None:
+        if relevant_counts is None:
+            raise ValueError("retrieval metrics need relevant_counts (index items per query label)")
+        result = retrieval(y_true, retrieved_labels, relevant_counts, k)
+    return MethodResult(name, categorization(y_true, y_pred, labels), result)
+
+
+def evaluate_searcher(name: str, searcher: Searcher, query_vecs: Any, query_labels: Sequence[str], k: int = 10,
+                      scorings: Sequence[str] = ("single", "max", "mean", "knn")) -> list[MethodResult]:
+    """One MethodResult per category scoring of an index on a labelled split, named "<name> <scoring>".
+
+    A predicted category counts as its `label` (the input category most of its images carry, so discovered
+    categories are judged by their majority label); a match is relevant when its input label equals the
+    query's, and R is the number of indexed images with that label. A query whose vector is bad counts
+    as wrong.
+    """
+    relevant = searcher.index.label_counts()
+    label_of = dict(zip(searcher.names, searcher.labels, strict=True))
+    counts = [relevant.get(str(label), 0) for label in query_labels]
+    out = []
+    for scoring in scorings:
+        found = searcher.search(query_vecs, k, scoring)
+        predicted = [label_of.get(c) for c in found.category]
+        out.append(method_result(f"{name} {scoring}", query_labels, predicted, list(found.match_labels), counts, k))
+    return out
+
+
+def _cell(m: ClassMetrics) -> str:
+    return f"{m.precision:.2f} / {m.recall:.2f} / {m.f1:.2f}"
+
+
+def _rows(results: Sequence[MethodResult]) -> list[tuple[str, list[str]]]:
+    classes = sorted({c for r in results for c in r.categorization.per_class})
+    rows = [("Categorization accuracy", [f"{r.categorization.accuracy:.1%}" for r in results]),
+            ("Category: Precision / Recall / F1", [""] * len(results))]
+    for c in classes:
+        rows.append((f"  {c}", [_cell(r.categorization.per_class[c]) if c in r.categorization.per_class else "-"
+                                for r in results]))
+    rows.append(("Macro average", [_cell(r.categorization.macro) for r in results]))
+    rows.append(("Weighted average", [_cell(r.categorization.weighted) for r in results]))
+    ks = sorted({r.retrieval.k for r in results if r.retrieval is not None})
+    for k in ks:
+        for label, attr in ((f"precision@{k}", "precision"), (f"recall@{k}", "recall"), (f"mAP@{k}", "map")):
+            rows.append((label, [f"{getattr(r.retrieval, attr):.3f}" if r.retrieval is not None and r.retrieval.k == k
+                                 else "-" for r in results]))
+    return rows
+
+
+def format_table(results: Sequence[MethodResult]) -> str:
+    """A plain-text table with one column per method and the rows of the paper's Table II, plus retrieval@k.
+
+    Refuses an empty list of results.
+    """
+    if not results:
+        raise ValueError("format_table needs at least one method's result")
+    rows = _rows(results)
+    first = max(len("Metric"), *(len(name) for name, _ in rows))
+    widths = [max(len(r.name), *(len(cells[i]) for _, cells in rows)) for i, r in enumerate(results)]
+    header = "  ".join(["Metric".ljust(first)] + [r.name.ljust(w) for r, w in zip(results, widths, strict=True)])
+    lines = [header.rstrip()]
+    lines.append("  ".join(["-" * first] + ["-" * w for w in widths]))
+    for name, cells in rows:
+        lines.append("  ".join([name.ljust(first)] + [c.ljust(w) for c, w in zip(cells, widths, strict=True)]).rstrip())
+    return "\n".join(lines)

@@ -1,0 +1,162 @@
+"""Categorization, multi-representative scoring, k-NN vote and per-category retrieval on tiny indexes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from gatrep import query
+from gatrep.query import CategoryIndex, IndexFileError, Searcher
+
+S = 1 / math.sqrt(2)
+
+
+def test_categorize_by_hand():
+    best, scores = query.categorize([[1.0, 0.1], [0.0, -2.0], [1.0, 1.0]], [[1, 0], [0, -1]], ["x", "y"])
+    assert best.tolist() == ["x", "y", "x"]  # the third is equally close to both: the first category wins
+    np.testing.assert_allclose(scores[0], [1 / math.hypot(1, 0.1), -0.1 / math.hypot(1, 0.1)], rtol=1e-6)
+    np.testing.assert_allclose(scores[2], [S, -S], rtol=1e-6)
+    with pytest.raises(ValueError, match="2 category names"):
+        query.categorize([[1.0, 0.0]], [[1, 0]], ["x", "y"])
+
+
+def test_multi_representative_max_and_mean_differ_by_hand():
+    central = [np.array([[1, 0], [0, 1]]), np.array([[1, 1]])]  # A: two axes; B: their diagonal
+    best, scores = query.categorize_multi([[1.0, 0.0]], central, ["A", "B"], reduce="max")
+    assert best.tolist() == ["A"]
+    np.testing.assert_allclose(scores, [[1.0, S]], rtol=1e-6)
+    best, scores = query.categorize_multi([[1.0, 0.0]], central, ["A", "B"], reduce="mean")
+    assert best.tolist() == ["B"]
+    np.testing.assert_allclose(scores, [[0.5, S]], rtol=1e-6)
+
+
+def tiny_index() -> tuple[np.ndarray, list[str], list[str]]:
+    vectors = np.array([[1, 0, 0], [0.9, 0.1, 0], [0.8, 0.3, 0], [0, 1, 0], [0.1, 1, 0]], dtype=np.float32)
+    return vectors, ["a1", "a2", "a3", "b1", "b2"], ["A", "A", "A", "B", "B"]
+
+
+def test_identical_query_retrieves_itself_first_exact():
+    vectors, ids, cats = tiny_index()
+    index = CategoryIndex.build(vectors, ids, cats, labels=cats)
+    found, scores = index.retrieve(vectors[1:2], "A", k=2)
+    assert found.tolist() == [["a2", "a1"]]
+    assert scores[0, 0] == pytest.approx(1.0)
+    found, scores = index.retrieve(vectors[3:4], "B", k=4)  # more than B holds: padded
+    assert found.tolist() == [["b1", "b2", None, None]]
+    assert np.isnan(scores[0, 2:]).all()
+    with pytest.raises(KeyError, match="'C'"):
+        index.retrieve(vectors[:1], "C")
+    with pytest.raises(KeyError, match="not in the index: C"):
+        index.retrieve_many(vectors[:2], ["A", "C"])
+
+
+def test_search_all_merges_categories_like_a_global_search():
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(40, 6)).astype(np.float32)
+    cats = [f"c{i % 3}" for i in range(40)]
+    index = CategoryIndex.build(vectors, [f"i{i}" for i in range(40)], cats)
+    q = rng.normal(size=(5, 6)).astype(np.float32)
+    ids, sims, _ = index.search_all(q, k=6)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    brute = np.argsort(-(q / np.linalg.norm(q, axis=1, keepdims=True)) @ unit.T, axis=1)[:, :6]
+    assert ids.tolist() == [[f"i{j}" for j in row] for row in brute]
+
+
+def test_knn_vote_by_hand():
+    vectors, ids, cats = tiny_index()
+    index = CategoryIndex.build(vectors, ids, cats)
+    # [1, 0.5, 0]: nearest three are a3 (0.8, 0.3), a2, a1 -> all A.
+    best, votes = query.knn_vote([[1.0, 0.5, 0.0], [0.0, 1.0, 0.0]], index, k=3)
+    assert best.tolist() == ["A", "B"]
+    np.testing.assert_allclose(votes[0], [1.0, 0.0])
+    np.testing.assert_allclose(votes[1], [1 / 3, 2 / 3])  # b1, b2 and then a3
+
+
+def test_knn_vote_counts_votes_before_similarity():
+    vectors = np.array([[1, 0, 0], [0.3, 0.954, 0], [0.3, -0.954, 0]], dtype=np.float32)
+    index = CategoryIndex.build(vectors, ["b", "a1", "a2"], ["B", "A", "A"])
+    # k=3: B gets one vote of similarity 1.0, A two votes of 0.3 each: the majority wins.
+    assert query.knn_vote([[1.0, 0.0, 0.0]], index, k=3)[0].tolist() == ["A"]
+    # k=2: one vote each (b: 1.0, a1 or a2: 0.3): the tie goes to the larger summed similarity.
+    assert query.knn_vote([[1.0, 0.0, 0.0]], index, k=2)[0].tolist() == ["B"]
+
+
+def searcher(index: CategoryIndex) -> Searcher:
+    reps = np.array([[1, 0.2, 0], [0, 1, 0]], dtype=np.float32)
+    central = [np.array([[1, 0, 0], [0.9, 0.1, 0]]), np.array([[0, 1, 0]])]
+    return Searcher(np.array(["A", "B"], dtype=object), reps, central, np.array(["A", "B"], dtype=object), index)
+
+
+@pytest.mark.parametrize("scoring", query.SCORINGS)
+def test_search_path_and_bad_rows(scoring):
+    vectors, ids, cats = tiny_index()
+    s = searcher(CategoryIndex.build(vectors, ids, cats, labels=cats))
+    batch = np.vstack([vectors[[2, 4]], [[np.nan, 0, 0]]])
+    results = s.search(batch, k=2, scoring=scoring)
+    assert results.category.tolist() == ["A", "B", None]
+    assert results.ok.tolist() == [True, True, False]
+    assert results.match_ids[:2, 0].tolist() == ["a3", "b2"]
+    assert results.match_labels[:2, 0].tolist() == ["A", "B"]
+    columns = s(batch, k=2, scoring=scoring)
+    assert columns["matches"][0][0]["image_id"] == "a3"
+    assert columns["matches"][0][0]["score"] == pytest.approx(1.0)
+    assert columns["matches"][2] == [] and columns["category_scores"][2] is None
+    assert [c["category"] for c in columns["category_scores"][1]] == ["A", "B"]
+    with pytest.raises(ValueError, match="unknown scoring"):
+        s.categorize(batch[:1], "vote")
+
+
+def clustered(n_categories: int, per_category: int, dim: int, seed: int) -> tuple[np.ndarray, list[str], list[str]]:
+    """Clusters with a low intrinsic dimension (a few directions of spread each), like real image features."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_categories):
+        basis = rng.normal(size=(4, dim)) / 2
+        out.append(rng.normal(size=dim) + rng.normal(size=(per_category, 4)) @ basis)
+    vectors = np.vstack(out).astype(np.float32) + rng.normal(scale=0.01, size=(n_categories * per_category, dim))
+    cats = [f"c{i // per_category}" for i in range(len(vectors))]
+    return vectors.astype(np.float32), [f"img{i}" for i in range(len(vectors))], cats
+
+
+def test_ann_index_retrieves_itself_first_and_round_trips(tmp_path):
+    vectors, ids, cats = clustered(2, 300, 16, seed=0)
+    index = CategoryIndex.build(vectors, ids, cats, labels=cats, ann_min_size=200, n_neighbors=10)
+    assert all(index.parts[c].ann is not None for c in ("c0", "c1"))
+    sample = np.arange(0, 600, 7)
+    found, scores = index.retrieve_many(vectors[sample], [cats[i] for i in sample], k=5)[:2]
+    assert found[:, 0].tolist() == [ids[i] for i in sample]  # every query identical to an image finds it first
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
+    exact_ids = []
+    for i in sample:
+        part = index.parts[cats[i]]
+        rows = query.exact_top(query.normalize(vectors[i:i + 1]), part.vectors, 5)[0][0]
+        exact_ids.append(part.ids[rows].tolist())
+    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(found.tolist(), exact_ids, strict=True)])
+    assert recall >= 0.9
+
+    files = index.save(str(tmp_path / "ann"))
+    assert sum(f.endswith(".pkl") for f in files) == 2
+    loaded = CategoryIndex.load(str(tmp_path / "ann"))
+    again = loaded.retrieve_many(vectors[sample], [cats[i] for i in sample], k=5)
+    assert again[0].tolist() == found.tolist()
+    assert again[2][:, 0].tolist() == [cats[i] for i in sample]
+
+    pickle_file = tmp_path / "ann" / "ann-00000.pkl"
+    pickle_file.write_bytes(pickle_file.read_bytes() + b"tampered")
+    with pytest.raises(IndexFileError, match="SHA-256"):
+        CategoryIndex.load(str(tmp_path / "ann"))
+
+
+def test_exact_index_round_trips_without_pickles(tmp_path):
+    vectors, ids, cats = tiny_index()
+    files = CategoryIndex.build(vectors, ids, cats, labels=cats).save(str(tmp_path))
+    assert not any(f.endswith(".pkl") for f in files)
+    loaded = CategoryIndex.load(str(tmp_path))
+    assert loaded.categories == ["A", "B"] and loaded.size("A") == 3 and loaded.size("C") == 0
+    assert loaded.retrieve(vectors[4:5], "B", k=1)[0].tolist() == [["b2"]]
+    assert loaded.label_counts() == {"A": 3, "B": 2}
+    (tmp_path / "catalog.parquet").unlink()
+    with pytest.raises(IndexFileError, match="missing catalog.parquet"):
+        CategoryIndex.load(str(tmp_path))
