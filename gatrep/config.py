@@ -24,7 +24,10 @@ class EmbedConfig:
     """The embedding stage: images -> `embeddings` table."""
 
     input: str = dataclasses.field(metadata={"help": "image tree or manifest (.parquet/.csv), any fsspec URI"})
-    run: str = dataclasses.field(metadata={"help": "run root URI; the stage is written to <run>/embeddings"})
+    run: str = dataclasses.field(metadata={"help": "run root URI; the stage is written to <run>/<stage>"})
+    stage: str = dataclasses.field(
+        default="embeddings", metadata={"help": "stage directory under --run (e.g. query-embeddings)"}
+    )
     backbone: str = dataclasses.field(default="mobilenet_v2", metadata={"help": "backbone name (see --list)"})
     weights: str = dataclasses.field(
         default="default",
@@ -332,3 +335,132 @@ class IndexConfig:
             raise ConfigError("exact_max, similarity_max_listings and ann_min_size must be >= 0")
         if not self.stage or "/" in self.stage:
             raise ConfigError(f"stage must be a plain directory name, not {self.stage!r}")
+
+
+QUERY_LATENTS = ("category-aware", "context-aware", "context-free")
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryConfig:
+    """The query stage: query images (or an embeddings stage) -> categories and top-k matches (`results`)."""
+
+    run: str = dataclasses.field(metadata={"help": "run root URI holding the index (and model, graph) stages"})
+    input: str = dataclasses.field(
+        metadata={"help": "query images (tree or manifest, any fsspec URI), or a published embeddings stage"}
+    )
+    index: str = dataclasses.field(default="index", metadata={"help": "index stage directory under --run"})
+    stage: str = dataclasses.field(default="results", metadata={"help": "output stage directory under --run"})
+    scoring: str = dataclasses.field(
+        default="single",
+        metadata={"help": "category score: single (one representative), max / mean over the top-m central "
+                          "images, knn (vote of the k nearest indexed images)"},
+    )
+    query_latent: str = dataclasses.field(
+        default="category-aware",
+        metadata={"help": "latent indexes only. category-aware: categorize context-free, then insert into the "
+                          "category's graph to retrieve (Approach II); context-aware: insert into the whole "
+                          "graph first (Approach I); context-free: self-loops only"},
+    )
+    k: int = dataclasses.field(default=10, metadata={"help": "matches returned per query"})
+    insert_k: int = dataclasses.field(
+        default=0, metadata={"help": "graph neighbours a query is inserted with; 0 = the graph's k"}
+    )
+    batch_size: int = dataclasses.field(default=256, metadata={"help": "queries per search batch"})
+    actors: int = dataclasses.field(default=1, metadata={"help": "search actors (each holds the index)"})
+    device: str = dataclasses.field(default="auto", metadata={"help": "backbone device for image queries"})
+
+    def __post_init__(self) -> None:
+        if self.scoring not in ("single", "max", "mean", "knn"):
+            raise ConfigError(f"scoring must be single, max, mean or knn, not {self.scoring!r}")
+        if self.query_latent not in QUERY_LATENTS:
+            raise ConfigError(f"query_latent must be one of {', '.join(QUERY_LATENTS)}, not {self.query_latent!r}")
+        for name in ("k", "batch_size", "actors"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """The evaluation stage: results stages of labelled queries -> one table with every method side by side."""
+
+    run: str = dataclasses.field(metadata={"help": "run root URI holding the results stages"})
+    results: tuple[str, ...] = dataclasses.field(
+        default=("results",), metadata={"help": "results stage directories under --run, comma separated"}
+    )
+    k: int = dataclasses.field(default=10, metadata={"help": "retrieval cut-off for precision/recall/mAP@k"})
+    stage: str = dataclasses.field(default="evaluation", metadata={"help": "output stage directory under --run"})
+
+    def __post_init__(self) -> None:
+        if self.k <= 0:
+            raise ConfigError(f"k must be positive, not {self.k}")
+        if not self.results:
+            raise ConfigError("name at least one results stage")
+
+
+MAP_METHODS = ("tsne", "pca")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportConfig:
+    """The report: a run's stages -> one self-contained static HTML page, every section sampled and bounded."""
+
+    run: str = dataclasses.field(metadata={"help": "run root URI whose stages the report shows"})
+    index: str = dataclasses.field(default="index", metadata={"help": "index stage directory under --run"})
+    results: str = dataclasses.field(
+        default="results",
+        metadata={"help": "results stage under --run whose queries are sampled; when the default is absent, the "
+                          "evaluated results stage searched in --index"},
+    )
+    evaluation: str = dataclasses.field(default="evaluation", metadata={"help": "evaluation stage under --run"})
+    embeddings: str = dataclasses.field(
+        default="", metadata={"help": "embeddings stage under --run; '' = the index's source, else embeddings"}
+    )
+    latents: str = dataclasses.field(default="latents", metadata={"help": "latents stage under --run (the 2-D map)"})
+    model: str = dataclasses.field(default="model", metadata={"help": "model stage under --run (the loss curve)"})
+    out: str = dataclasses.field(default="", metadata={"help": "output HTML URI; '' = <run>/report/index.html"})
+    categories: int = dataclasses.field(default=40, metadata={"help": "categories shown in full (the largest)"})
+    listings_per_category: int = dataclasses.field(
+        default=6, metadata={"help": "listing representatives shown per category (the largest listings)"}
+    )
+    central: int = dataclasses.field(default=5, metadata={"help": "most central images shown per category"})
+    queries: int = dataclasses.field(default=24, metadata={"help": "queries sampled (half misclassified if any)"})
+    matches: int = dataclasses.field(default=5, metadata={"help": "matches shown per sampled query"})
+    map_points: int = dataclasses.field(default=2000, metadata={"help": "latents sampled for the 2-D map"})
+    map_method: str = dataclasses.field(default="tsne", metadata={"help": "2-D map projection: tsne or pca"})
+    similarity_listings: int = dataclasses.field(
+        default=30, metadata={"help": "full listing similarity matrix up to this many listings; top pairs above"}
+    )
+    pairs: int = dataclasses.field(default=30, metadata={"help": "listing pairs / merge suggestions shown"})
+    classes: int = dataclasses.field(
+        default=30, metadata={"help": "confusion matrix and per-class rows up to this many classes"}
+    )
+    bad_examples: int = dataclasses.field(default=3, metadata={"help": "examples shown per bad-input status"})
+    table_rows: int = dataclasses.field(default=1000, metadata={"help": "rows of the all-categories table"})
+    thumb_px: int = dataclasses.field(default=96, metadata={"help": "thumbnail side in pixels (square crop)"})
+    thumb_quality: int = dataclasses.field(default=75, metadata={"help": "thumbnail JPEG quality"})
+    max_thumbnail_mb: float = dataclasses.field(
+        default=8.0, metadata={"help": "total thumbnail budget; images past it become placeholders"}
+    )
+    max_image_bytes: int = dataclasses.field(
+        default=50_000_000, metadata={"help": "images larger than this are not read for a thumbnail"}
+    )
+    max_pixels: int = dataclasses.field(
+        default=64_000_000, metadata={"help": "images with more pixels are not decoded for a thumbnail"}
+    )
+    threads: int = dataclasses.field(default=8, metadata={"help": "threads reading images for thumbnails"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed of every sample the report draws"})
+
+    def __post_init__(self) -> None:
+        if self.map_method not in MAP_METHODS:
+            raise ConfigError(f"map_method must be one of {', '.join(MAP_METHODS)}, not {self.map_method!r}")
+        for name in ("categories", "listings_per_category", "central", "queries", "matches", "map_points",
+                     "similarity_listings", "pairs", "classes", "bad_examples", "table_rows", "thumb_px", "threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, not {getattr(self, name)}")
+        if not 16 <= self.thumb_px <= 512 or not 1 <= self.thumb_quality <= 95:
+            raise ConfigError("thumb_px must be in 16..512 and thumb_quality in 1..95")
+        if self.max_thumbnail_mb < 0 or self.max_image_bytes <= 0 or self.max_pixels <= 0:
+            raise ConfigError("max_thumbnail_mb must be >= 0; max_image_bytes and max_pixels positive")
+        for name in ("index", "results", "evaluation", "latents", "model"):
+            if not getattr(self, name) or "/" in getattr(self, name):
+                raise ConfigError(f"{name} must be a plain stage directory name, not {getattr(self, name)!r}")

@@ -1,0 +1,358 @@
+"""Training stage on Ray Train: GAT-AE with neighbour-sampled mini-batches and DDP, checkpoints, then latents."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import posixpath
+import tempfile
+import warnings
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.train
+import ray.train.torch
+import safetensors.torch
+import torch
+import torch.distributed as dist
+
+from gatrep import io, knn, models, sampling, schemas
+from gatrep.config import ModelConfig, TrainConfig, to_dict
+from gatrep.models.training import train_epoch
+
+RUN_NAME = "train"  # Ray Train run name inside the checkpoint storage; a rerun with the same name resumes
+METRICS_FILE = "metrics.jsonl"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint in the run's storage that was written for another model config."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainInputs:
+    """Everything training reads, in graph order: graph row i is training node i."""
+
+    node: np.ndarray  # global node ids (rows of the embeddings' ok rows sorted by uri)
+    image_id: np.ndarray
+    listing: np.ndarray
+    category: np.ndarray
+    features: np.ndarray  # float32 [n, d]
+    neighbours: np.ndarray  # int64 [n, k], local ids 0..n-1, PAD where none
+    upstream: dict[str, Any]
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+
+
+def load_inputs(run: str) -> TrainInputs:
+    """The graph and the features of its nodes from `<run>/graph` and `<run>/embeddings`.
+
+    Refuses (StageError / SchemaError / GraphInputError) a stage without a manifest or with the wrong
+    schema, bad vectors, and a graph that was built from other embeddings than those now published."""
+    graph_uri, embeddings_uri = io.join(run, "graph"), io.join(run, "embeddings")
+    graph = knn.read_graph(graph_uri)
+    nodes, embeddings_manifest = knn.read_nodes(embeddings_uri)
+    built_from = graph.manifest.get("upstream", {}).get("embeddings", {})
+    if built_from != knn.upstream_of(embeddings_manifest, embeddings_uri) or graph.node.max() >= len(nodes):
+        raise knn.GraphInputError(
+            f"{graph_uri} was built from embeddings published {built_from.get('created')}, but {embeddings_uri} "
+            f"now holds those published {embeddings_manifest['created']}; rebuild the graph "
+            f"(python -m jobs.graph --run {run})")
+    if not np.array_equal(nodes.image_id[graph.node], graph.image_id):
+        raise knn.GraphInputError(f"{graph_uri}: image ids differ from {embeddings_uri}; rebuild the graph")
+    padded = graph.neighbours == knn.PAD
+    local = np.searchsorted(graph.node, np.where(padded, graph.node[0], graph.neighbours))
+    return TrainInputs(
+        node=graph.node, image_id=graph.image_id, listing=nodes.listing[graph.node],
+        category=nodes.category[graph.node], features=np.ascontiguousarray(nodes.vectors[graph.node]),
+        neighbours=np.where(padded, knn.PAD, local).astype(np.int64),
+        upstream={"graph": knn.upstream_of(graph.manifest, graph_uri),
+                  "embeddings": knn.upstream_of(embeddings_manifest, embeddings_uri)},
+    )
+
+
+def check_size(inputs: TrainInputs, cfg: TrainConfig) -> None:
+    """Refuse (GraphInputError) fewer nodes than workers: each worker needs at least one seed node."""
+    if len(inputs.node) < cfg.workers:
+        raise knn.GraphInputError(f"{len(inputs.node)} graph nodes cannot be shared by {cfg.workers} workers")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoint_storage(run: str) -> str:
+    """Where Ray Train keeps this run's checkpoints: `<run>/model/_checkpoints` (kept across reruns)."""
+    return io.join(run, "model", "_checkpoints")
+
+
+def check_checkpoints(storage: str, model_cfg: ModelConfig, resume: bool) -> int:
+    """The last checkpointed epoch in `storage` (0 if none), after removing them all when `resume` is False.
+
+    Raises CheckpointMismatch, naming the checkpoint and the fields that differ, when the checkpoints
+    were written for another model config, before anything runs or is written."""
+    fs, path = io.url_to_fs(io.join(storage, RUN_NAME))
+    if not resume and fs.exists(path):
+        fs.rm(path, recursive=True)
+    configs = sorted(fs.glob(posixpath.join(path, "checkpoint_*", models.CONFIG_FILE)))
+    if not configs:
+        return 0
+    document = json.loads(fs.cat_file(configs[-1]))
+    saved = document.get("model", {})
+    wanted = json.loads(json.dumps(to_dict(model_cfg)))  # tuples as lists, as they are in the file
+    differ = sorted(k for k in wanted.keys() | saved.keys() if wanted.get(k) != saved.get(k))
+    if differ:
+        details = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, asked {wanted.get(k)!r}" for k in differ)
+        raise CheckpointMismatch(
+            f"{posixpath.dirname(configs[-1])} was trained with another model config ({details}); "
+            "pass --resume false to start over, or train into another --run")
+    return int(document.get("epoch", 0))
+
+
+def _save_checkpoint(directory: str, model: torch.nn.Module, model_cfg: ModelConfig,
+                     optimizer: torch.optim.Optimizer, epoch: int, history: list[dict[str, Any]]) -> None:
+    models.save_model(model, model_cfg, directory, extra={"epoch": epoch})
+    torch.save(optimizer.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
+    with open(os.path.join(directory, METRICS_FILE), "w") as f:
+        f.writelines(json.dumps(record) + "\n" for record in history)
+
+
+def _restore(checkpoint: ray.train.Checkpoint | None, model: torch.nn.Module,
+             model_cfg: ModelConfig) -> tuple[int, list[dict[str, Any]], dict[str, Any] | None]:
+    """(epochs done, metrics so far, optimizer state) from a checkpoint, weights loaded into `model`."""
+    if checkpoint is None:
+        return 0, [], None
+    with checkpoint.as_directory() as directory:
+        loaded, saved_cfg = models.load_model(directory)
+        if saved_cfg != model_cfg:
+            raise CheckpointMismatch(f"{directory}: checkpoint of {saved_cfg}, not of {model_cfg}")
+        model.load_state_dict(loaded.state_dict())
+        with open(os.path.join(directory, models.CONFIG_FILE)) as f:
+            epoch = json.load(f)["epoch"]
+        optimizer_state = torch.load(os.path.join(directory, OPTIMIZER_FILE), weights_only=True)
+        with open(os.path.join(directory, METRICS_FILE)) as f:
+            history = [json.loads(line) for line in f if line.strip()]
+    return int(epoch), history, optimizer_state
+
+
+# ----------------------------------------------------------------------------------------------
+# The per-worker loop
+
+
+def seed_shard(n: int, epoch: int, seed: int, rank: int, world: int) -> torch.Tensor:
+    """This worker's seed nodes for `epoch`: a shuffle shared by all workers, cut into equal strided shares.
+
+    Equal shares keep every worker at the same number of batches, which DDP needs; the up to world - 1
+    nodes left over change from epoch to epoch with the shuffle."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=generator)
+    return order[: (n // world) * world][rank::world]
+
+
+def _shared_tensor(array: np.ndarray) -> torch.Tensor:
+    # Arrays from the object store are read-only views of shared memory: wrapping them without a copy
+    # is the point, and nothing writes to them, so torch's non-writable warning does not apply.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
+def _mean_loss(stats_loss: float, seeds: int, device: torch.device) -> float:
+    totals = torch.tensor([stats_loss * seeds, float(seeds)], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    return float(totals[0] / totals[1].clamp(min=1))
+
+
+def train_loop_per_worker(loop: dict[str, Any]) -> None:
+    """Ray Train worker: restore, then per epoch sample this worker's share, step, checkpoint, report."""
+    cfg: TrainConfig = loop["train"]
+    model_cfg: ModelConfig = loop["model"]
+    torch.set_num_threads(cfg.threads_per_worker or cfg.cpus_per_worker)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    features = _shared_tensor(ray.get(loop["features"]))
+    neighbours = _shared_tensor(ray.get(loop["neighbours"]))
+    torch.manual_seed(cfg.seed)
+    model = models.build_model(model_cfg)
+    start, history, optimizer_state = _restore(ray.train.get_checkpoint(), model, model_cfg)
+    ddp_model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    optimizer = torch.optim.Adam(ddp_model.parameters(), lr=cfg.lr)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    for epoch in range(start, cfg.epochs):
+        seeds = seed_shard(len(features), epoch, cfg.seed, rank, world)
+        loader = sampling.make_loader(features, neighbours, seeds, cfg.num_neighbors, cfg.batch_size,
+                                      seed=(cfg.seed * 1_000_003 + epoch) * world + rank)
+        stats = train_epoch(ddp_model, optimizer, loader, device, cfg.max_batches)
+        record = {"epoch": epoch + 1, "loss": _mean_loss(stats.loss, stats.seeds, device),
+                  "seconds": round(stats.seconds, 3), "batches_per_worker": stats.batches,
+                  "seeds": stats.seeds * world, "resumed": epoch == start and start > 0}
+        history.append(record)
+        _maybe_fail(loop.get("fail_once"), epoch + 1, rank)
+        _report(record, history, ddp_model, model_cfg, optimizer, rank, cfg.epochs)
+
+
+def _report(record: dict[str, Any], history: list[dict[str, Any]], model: torch.nn.Module, model_cfg: ModelConfig,
+            optimizer: torch.optim.Optimizer, rank: int, epochs: int) -> None:
+    name = f"checkpoint_epoch_{record['epoch']:06d}"
+    if rank != 0:
+        ray.train.report(record, checkpoint_dir_name=name)
+        return
+    print(f"Epoch {record['epoch']}/{epochs} Loss: {record['loss']:.6f} ({record['seconds']:.1f} s"
+          + (", resumed from checkpoint" if record["resumed"] else "") + ")", flush=True)
+    with tempfile.TemporaryDirectory() as directory:
+        _save_checkpoint(directory, model, model_cfg, optimizer, record["epoch"], history)
+        ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                         checkpoint_dir_name=name)
+
+
+def _maybe_fail(fail_once: dict[str, Any] | None, epoch: int, rank: int) -> None:
+    """Fault injection for tests: kill this worker process once, at the given epoch and rank."""
+    if not fail_once or fail_once["epoch"] != epoch or fail_once["rank"] != rank:
+        return
+    if os.path.exists(fail_once["marker"]):
+        return
+    open(fail_once["marker"], "w").close()
+    # Ray Train's controller registers reported checkpoints when it next polls the workers: a worker killed
+    # sooner after a report would take that report with it, so wait until the earlier reports are in.
+    ray.train.get_all_reported_checkpoints(timeout_s=60)
+    os._exit(1)  # a hard kill, like an OOM-killed or preempted worker: no exception handling runs
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+
+
+@dataclasses.dataclass(frozen=True)
+class Shared:
+    """Object-store references to the features and the neighbour table, put there once per run."""
+
+    features: ray.ObjectRef
+    neighbours: ray.ObjectRef
+
+
+def share(inputs: TrainInputs) -> Shared:
+    """Put features and neighbours in the object store (workers on a node then map one shared copy)."""
+    return Shared(ray.put(inputs.features), ray.put(inputs.neighbours))
+
+
+def fit(cfg: TrainConfig, shared: Shared, model_cfg: ModelConfig, storage: str,
+        fail_once: dict[str, Any] | None = None) -> ray.train.Result:
+    """Run Ray Train's TorchTrainer (DDP) over the shared features and neighbour table; returns its Result.
+
+    Features and the neighbour table go to the object store once; workers on a node map the same
+    shared memory instead of each holding a copy. `fail_once` (tests) kills one worker once."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    loop = {"train": cfg, "model": model_cfg, "fail_once": fail_once,
+            "features": shared.features, "neighbours": shared.neighbours}
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop,
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=RUN_NAME, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    return trainer.fit()
+
+
+def _latents_task(weights: bytes, model: dict[str, Any], features: np.ndarray, neighbours: np.ndarray,
+                  batch_size: int, threads: int) -> np.ndarray:
+    torch.set_num_threads(threads)
+    net = models.build_model(models.model_config_from_dict(model))
+    net.load_state_dict(safetensors.torch.load(weights))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    latents = models.context_aware_latents(net.to(device), _shared_tensor(features), _shared_tensor(neighbours),
+                                           batch_size, device)
+    return latents.numpy()
+
+
+def compute_latents(cfg: TrainConfig, model: torch.nn.Module, model_cfg: ModelConfig, shared: Shared) -> np.ndarray:
+    """Context-aware latents of every node, layer by layer in batches, in a Ray task with one worker's resources."""
+    weights = safetensors.torch.save({k: v.contiguous() for k, v in model.state_dict().items()})
+    task = ray.remote(_latents_task).options(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)
+    ref = task.remote(weights, to_dict(model_cfg), shared.features, shared.neighbours,
+                      cfg.inference_batch_size, cfg.threads_per_worker or cfg.cpus_per_worker)
+    return np.asarray(ray.get(ref))
+
+
+def run(cfg: TrainConfig, fail_once: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train on `<run>/graph` + `<run>/embeddings`, publish `<run>/model` then `<run>/latents`; returns
+    {"model": manifest, "latents": manifest}. Bad inputs and mismatched checkpoints raise before anything
+    is written; a rerun resumes from the run's last checkpoint (epochs already done are not redone)."""
+    timings: dict[str, float] = {}
+    with io.timed(timings, "read"):
+        inputs = load_inputs(cfg.run)
+    check_size(inputs, cfg)
+    model_cfg = cfg.model_config(inputs.features.shape[1])
+    storage = checkpoint_storage(cfg.run)
+    resumed_from = check_checkpoints(storage, model_cfg, cfg.resume)
+    shared = share(inputs)
+    with io.timed(timings, "train"):
+        result = fit(cfg, shared, model_cfg, storage, fail_once)
+    if result.checkpoint is None:
+        raise RuntimeError(f"training in {storage} reported no checkpoint; see the Ray Train log above")
+    with result.checkpoint.as_directory() as directory:
+        model, _ = models.load_model(directory)
+        with open(os.path.join(directory, METRICS_FILE)) as f:
+            metrics = f.read()
+    with io.timed(timings, "latents"):
+        latents = compute_latents(cfg, model, model_cfg, shared)
+    model_manifest = _publish_model(cfg, model, model_cfg, metrics, inputs, resumed_from, timings)
+    return {"model": model_manifest, "latents": _publish_latents(cfg, inputs, latents, model_manifest)}
+
+
+def _publish_model(cfg: TrainConfig, model: torch.nn.Module, model_cfg: ModelConfig, metrics: str,
+                   inputs: TrainInputs, resumed_from: int, timings: dict[str, float]) -> dict[str, Any]:
+    stage = io.join(cfg.run, "model")
+    run_dir = io.new_run_dir(stage)
+    history = [json.loads(line) for line in metrics.splitlines() if line.strip()]
+    files = models.save_model(model, model_cfg, run_dir, extra={"epoch": history[-1]["epoch"], "train": to_dict(cfg)})
+    fs, path = io.url_to_fs(run_dir)
+    fs.pipe_file(posixpath.join(path, METRICS_FILE), metrics.encode())
+    return io.publish(stage, "model", [*files, io.join(run_dir, METRICS_FILE)], config=to_dict(cfg),
+                      upstream=inputs.upstream, rows=len(inputs.node), model=to_dict(model_cfg),
+                      epochs=history[-1]["epoch"], final_loss=history[-1]["loss"], resumed_from_epoch=resumed_from,
+                      timings=timings)
+
+
+def _publish_latents(cfg: TrainConfig, inputs: TrainInputs, latents: np.ndarray,
+                     model_manifest: dict[str, Any]) -> dict[str, Any]:
+    stage, dim = io.join(cfg.run, "latents"), latents.shape[1]
+    table = pa.table({
+        schemas.NODE: pa.array(inputs.node, pa.int64()),
+        schemas.IMAGE_ID: pa.array(list(inputs.image_id), pa.string()),
+        schemas.LISTING: pa.array(list(inputs.listing), pa.string()),
+        schemas.CATEGORY: pa.array(list(inputs.category), pa.string()),
+        schemas.LATENT: pa.FixedSizeListArray.from_arrays(pa.array(latents.reshape(-1), pa.float32()), dim),
+    }, schema=schemas.latents(dim))
+    file_uri = io.write_table(table, io.new_run_dir(stage))
+    upstream = {"model": io.upstream_summary(model_manifest, io.join(cfg.run, "model")),
+                "graph": inputs.upstream["graph"]}
+    return io.publish(stage, "latents", [file_uri], config=to_dict(cfg), upstream=upstream, rows=len(inputs.node),
+                      mode="context-aware", latent_dim=dim)
+
+
+def summary(manifests: dict[str, Any], seconds: float | None = None) -> str:
+    """A few lines for the console: nodes, epochs, final loss, where the model and latents are."""
+    model, latents = manifests["model"], manifests["latents"]
+    lines = [f"model: {model['model']['encoder']} autoencoder, {model['rows']} nodes, {model['epochs']} epochs, "
+             f"final loss {model['final_loss']:.6f}"
+             + (f" (resumed from epoch {model['resumed_from_epoch']})" if model["resumed_from_epoch"] else ""),
+             f"  latents: {latents['rows']} context-aware latents of {latents['latent_dim']} dims",
+             f"  timings (s): {model['timings']}"]
+    if seconds is not None:
+        lines.append(f"  total: {seconds:.1f} s")
+    return "\n".join(lines)
+
+
