@@ -80,7 +80,7 @@ class Embedder:
 
 
 def run(cfg: EmbedConfig) -> dict[str, Any]:
-    """Embed every input file of `cfg.input` into `<cfg.run>/embeddings` and publish it.
+    """Embed every input file of `cfg.input` into `<cfg.run>/<cfg.stage>` and publish it.
 
     Rows already in a published stage with the same uri and content hash are kept, not re-embedded.
     Returns the manifest. Raises io.InputError for a bad input, StageMismatch when the existing stage
@@ -88,7 +88,7 @@ def run(cfg: EmbedConfig) -> dict[str, Any]:
     """
     backbone = backbones.get(cfg.backbone)
     backbone.load(cfg.weights, "cpu")  # fail fast on missing weights, before Ray starts any work
-    stage_uri = io.join(cfg.run, STAGE)
+    stage_uri = io.join(cfg.run, cfg.stage)
     timings: dict[str, float] = {}
     with io.timed(timings, "discover"):
         inputs = io.discover_inputs(cfg.input)
@@ -101,7 +101,7 @@ def run(cfg: EmbedConfig) -> dict[str, Any]:
     with io.timed(timings, "embed"):
         new_files = _embed(inputs, cfg, backbone.dim, known, run_dir)
     with io.timed(timings, "merge"):
-        new_uris = set(_column(new_files, schemas.URI))
+        new_uris = {u for f in new_files for u in io.read_column(f, schemas.URI)}
         kept_files = _retain(stage_uri, previous, inputs, new_uris, run_dir)
     files = kept_files + new_files
     counts = _status_counts(files)
@@ -139,6 +139,12 @@ def _known_ids(stage_uri: str, manifest: dict[str, Any] | None) -> dict[str, str
 
 def _embed(inputs: pa.Table, cfg: EmbedConfig, dim: int, known: dict[str, str], run_dir: str) -> list[str]:
     """Run the Ray Data pipeline over `inputs`; returns the Parquet files it wrote."""
+    embedding_dataset(inputs, cfg, known).write_parquet(run_dir)
+    return io.list_parquet(run_dir)
+
+
+def embedding_dataset(inputs: pa.Table, cfg: EmbedConfig, known: dict[str, str] | None = None) -> ray.data.Dataset:
+    """A lazy Ray Dataset of `embeddings` rows, one per input row not in `known` (uri -> image_id)."""
     gpus = _gpus(cfg)
     actors = cfg.actors or max(gpus, 1)
     # Our own reader instead of ray.data.read_binary_files: that one fails the whole job on a
@@ -149,17 +155,15 @@ def _embed(inputs: pa.Table, cfg: EmbedConfig, dim: int, known: dict[str, str], 
     # actor, unequal resources stop Ray Data from fusing decoding into the actor, which would
     # serialise it with the forward pass.
     prepare = functools.partial(prepare_batch, backbone=cfg.backbone, max_pixels=cfg.max_pixels,
-                                max_bytes=cfg.max_bytes, known=known)
+                                max_bytes=cfg.max_bytes, known=known or {})
     ds = ds.map_batches(prepare, batch_size=None, batch_format="numpy", num_cpus=0.5)
-    ds = ds.map_batches(
+    return ds.map_batches(
         Embedder, batch_size=cfg.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if gpus else 0, num_cpus=1,
         fn_constructor_kwargs={"backbone": cfg.backbone, "weights": cfg.weights, "dtype": cfg.dtype,
                                "threads": cfg.threads_per_actor or _cpus_per_actor(actors)},
     )
-    ds.write_parquet(run_dir)
-    return io.list_parquet(run_dir)
 
 
 def _gpus(cfg: EmbedConfig) -> int:
@@ -213,16 +217,8 @@ def _retain(stage_uri: str, manifest: dict[str, Any] | None, inputs: pa.Table, n
     return kept
 
 
-def _column(files: list[str], column: str) -> list[Any]:
-    values: list[Any] = []
-    for file_uri in files:
-        fs, path = io.url_to_fs(file_uri)
-        values.extend(pq.read_table(path, filesystem=fs, columns=[column])[column].to_pylist())
-    return values
-
-
 def _status_counts(files: list[str]) -> dict[str, int]:
-    return dict(sorted(collections.Counter(_column(files, schemas.STATUS)).items()))
+    return dict(sorted(collections.Counter(s for f in files for s in io.read_column(f, schemas.STATUS)).items()))
 
 
 def summary(manifest: dict[str, Any], seconds: float | None = None) -> str:

@@ -7,6 +7,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from gatrep import schemas
 
 if TYPE_CHECKING:
     from gatrep.query import Searcher
@@ -175,3 +179,40 @@ def format_table(results: Sequence[MethodResult]) -> str:
     for name, cells in rows:
         lines.append("  ".join([name.ljust(first)] + [c.ljust(w) for c, w in zip(cells, widths, strict=True)]).rstrip())
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# A published results stage, judged against its index
+
+
+def evaluate_results(name: str, results: pa.Table, searcher: Searcher, k: int) -> tuple[MethodResult, dict[str, Any]]:
+    """(MethodResult, extras) of one results table: queries with status ok and a label are judged.
+
+    A predicted category counts as its majority input label (as in `evaluate_searcher`); a match is
+    relevant when its indexed image carries the query's label. `extras` holds the confusion matrix
+    (rows: true labels, columns: predicted) and how many queries were judged or left out.
+    """
+    from sklearn.metrics import confusion_matrix
+
+    judged = results.filter(pc.and_(pc.equal(results[schemas.STATUS], schemas.OK), pc.is_valid(results[schemas.LABEL])))
+    if judged.num_rows == 0:
+        raise ValueError(f"{name}: no query has status ok and a label; evaluation needs labelled queries")
+    label_of_category = dict(zip(searcher.names, searcher.labels, strict=True))
+    label_of_image = {i: lab for part in searcher.index.parts.values() for i, lab in zip(part.ids, part.labels,
+                                                                                           strict=True)}
+    relevant = searcher.index.label_counts()
+    y_true = judged[schemas.LABEL].to_pylist()
+    y_pred = [label_of_category.get(c) for c in judged[schemas.CATEGORY].to_pylist()]
+    retrieved = [[label_of_image.get(m[schemas.IMAGE_ID]) for m in (matches or [])]
+                 for matches in judged[schemas.MATCHES].to_pylist()]
+    result = method_result(name, y_true, y_pred, retrieved, [relevant.get(str(y), 0) for y in y_true], k)
+    labels = sorted({str(y) for y in y_true} | {str(y) for y in y_pred})
+    matrix = confusion_matrix([str(y) for y in y_true], [str(y) for y in y_pred], labels=labels)
+    extras = {"confusion": {"labels": labels, "matrix": matrix.tolist()}, "judged": judged.num_rows,
+              "left_out": results.num_rows - judged.num_rows}
+    return result, extras
+
+
+def to_json(result: MethodResult, extras: dict[str, Any]) -> dict[str, Any]:
+    """A method's figures as a JSON-ready dict (for the evaluation stage and the report)."""
+    return {**dataclasses.asdict(result), **extras}

@@ -179,6 +179,12 @@ def list_parquet(dir_uri: str) -> list[str]:
     return sorted(full_uri(fs, p) for p in fs.find(path) if p.endswith(".parquet"))
 
 
+def read_column(file_uri: str, column: str) -> list[Any]:
+    """One column of one Parquet file, as Python values."""
+    fs, path = url_to_fs(file_uri)
+    return pq.read_table(path, filesystem=fs, columns=[column])[column].to_pylist()
+
+
 def write_table(table: pa.Table, dir_uri: str, name: str = "part-00000.parquet") -> str:
     """Write one Parquet file into `dir_uri`; returns its URI."""
     fs, path = url_to_fs(dir_uri)

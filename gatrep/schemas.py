@@ -77,6 +77,30 @@ def latents(dim: int = 256) -> pa.Schema:
     ])
 
 
+QUERY_ID = "query_id"
+LABEL = "label"
+CATEGORY_SCORES = "category_scores"
+MATCHES = "matches"
+
+
+def results() -> pa.Schema:
+    """One row per query: the chosen category, every category's score, the top-k matches inside it.
+
+    `label` is the category the query input gave (null when unknown), for evaluation; `query_id` is
+    the query file's content hash.
+    """
+    return pa.schema([
+        (QUERY_ID, pa.string()),
+        (URI, pa.string()),
+        (LABEL, pa.string()),
+        (STATUS, pa.string()),
+        (ERROR, pa.string()),
+        (CATEGORY, pa.string()),
+        (CATEGORY_SCORES, pa.list_(pa.struct([("category", pa.string()), ("score", pa.float32())]))),
+        (MATCHES, pa.list_(pa.struct([(IMAGE_ID, pa.string()), ("score", pa.float32())]))),
+    ])
+
+
 class SchemaError(ValueError):
     """A table whose columns or types differ from the data contract."""
 

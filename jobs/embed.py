@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in backbones.names():
             print(f"{name:14s} {backbones.get(name).description}")
         return 0
-    cfg = config.parse(EmbedConfig, argv, "Embed every image under --input into <--run>/embeddings.")
+    cfg = config.parse(EmbedConfig, argv, "Embed every image under --input into <--run>/<--stage>.")
     from gatrep import embed  # imports ray: kept out of --help and --list
 
     def job() -> None:

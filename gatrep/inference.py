@@ -1,0 +1,85 @@
+"""Query latents from a trained graph autoencoder: context-free, or context-aware after inserting the
+query into the k-NN graph of the collection (or of one category), as in the paper's III-B2."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from gatrep import sampling
+from gatrep.models.autoencoder import GraphAutoencoder
+
+PAD = sampling.PAD
+
+
+class QueryEncoder:
+    """Latents for query feature vectors, given the indexed collection's features and k-NN table.
+
+    `features` [N, D] and `neighbours` [N, k] (-1 padded) are the graph the model was trained on and
+    the index latents were computed on; `categories` [N] (optional) lets insertion stay inside a
+    category. Arrays may be read-only views of Ray's object store: nothing here copies them whole.
+    """
+
+    def __init__(self, model: GraphAutoencoder, features: np.ndarray, neighbours: np.ndarray,
+                 categories: np.ndarray | None = None) -> None:
+        self.model = model.eval()
+        self.features = features
+        self.neighbours = torch.from_numpy(np.ascontiguousarray(neighbours, dtype=np.int64))
+        self.categories = categories
+
+    @torch.no_grad()
+    def context_free(self, x: np.ndarray) -> np.ndarray:
+        """Latents of queries that see only themselves (self-loops), [B, latent_dim]."""
+        return self.model.context_free(torch.as_tensor(x, dtype=torch.float32)).numpy()
+
+    def insertion_neighbours(self, x: np.ndarray, seeds: np.ndarray, k: int,
+                             category: np.ndarray | None = None) -> np.ndarray:
+        """For each query, the k indexed nodes with the most similar raw features, [B, k] (-1 padded).
+
+        Candidates are `seeds` [B, s] (node ids, -1 padded; e.g. the query's best latent matches) and
+        their graph neighbours: one step of nearest-neighbour descent from good starting points, so no
+        second index over raw features is needed. With `category` [B], candidates from other
+        categories are dropped (the query joins that category's graph).
+        """
+        start = torch.as_tensor(seeds, dtype=torch.int64)
+        hop = self.neighbours[start.clamp(min=0)]
+        hop[start < 0] = PAD
+        candidates = torch.cat([start, hop.flatten(1)], dim=1).numpy()
+        valid = candidates >= 0
+        if category is not None and self.categories is not None:
+            valid &= self.categories[np.where(valid, candidates, 0)] == np.asarray(category, dtype=object)[:, None]
+        feats = np.asarray(self.features[np.where(valid, candidates, 0).ravel()], dtype=np.float32)
+        scores = np.einsum("bcd,bd->bc", feats.reshape(*candidates.shape, -1), np.asarray(x, np.float32))
+        scores[~valid] = -np.inf
+        out = np.full((len(x), k), PAD, dtype=np.int64)
+        for b in range(len(x)):  # de-duplicate per row: a node can be reached from several seeds
+            ids, first = np.unique(candidates[b][valid[b]], return_index=True)
+            best = np.argsort(-scores[b][valid[b]][first], kind="stable")[:k]
+            out[b, : len(best)] = ids[best]
+        return out
+
+    @torch.no_grad()
+    def context_aware(self, x: np.ndarray, query_neighbours: np.ndarray) -> np.ndarray:
+        """Latents of queries inserted into the graph with edges from `query_neighbours` [B, k], [B, latent].
+
+        The subgraph holds the queries, their neighbours and as many further hops as the encoder has
+        layers minus one, each with its full neighbourhood, so the neighbours' hidden states are the
+        ones they have in the indexed graph. Only the queries' rows of the result are returned.
+        """
+        q = torch.as_tensor(query_neighbours, dtype=torch.int64)
+        b = len(q)
+        hop1 = torch.unique(q[q >= 0])
+        layers = self.model.encoder.num_layers
+        if layers > 1 and len(hop1):
+            sub = sampling.sample(self.neighbours, hop1, [-1] * (layers - 1))
+            nodes, rows, cols = sub.node, sub.row, sub.col
+        else:
+            nodes, rows, cols = hop1, torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
+        local = {int(n): i for i, n in enumerate(nodes.tolist())}
+        qb, qj = (q >= 0).nonzero(as_tuple=True)
+        src = torch.tensor([local[int(n)] for n in q[qb, qj].tolist()], dtype=torch.int64) + b
+        edge_index = torch.cat([torch.stack([rows + b, cols + b]), torch.stack([src, qb])], dim=1)
+        x_all = torch.cat([torch.as_tensor(x, dtype=torch.float32),
+                           torch.as_tensor(np.asarray(self.features[nodes.numpy()], dtype=np.float32))])
+        return self.model.encode(x_all, edge_index)[:b].numpy()
+

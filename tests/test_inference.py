@@ -1,0 +1,67 @@
+"""Query latents: context-free, insertion neighbours and context-aware, against brute force on tiny graphs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gatrep import sampling
+from gatrep.config import ModelConfig
+from gatrep.inference import QueryEncoder
+from gatrep.models import build_model
+
+
+@pytest.fixture(params=["gat", "sage"])
+def setup(request):
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    n, d, k = 30, 8, 4
+    features = rng.normal(size=(n, d)).astype(np.float32)
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    neighbours = np.stack([rng.choice(np.delete(np.arange(n), i), k, replace=False) for i in range(n)])
+    neighbours[3, 2:] = -1  # a padded row
+    model = build_model(ModelConfig(in_dim=d, encoder=request.param, hidden=6, heads=2, latent_dim=5,
+                                    decoder_hidden=(7,)))
+    categories = np.array(["a" if i < 15 else "b" for i in range(n)], dtype=object)
+    return model, features, neighbours, categories
+
+
+def test_context_aware_equals_the_whole_graph_with_the_queries_appended(setup):
+    model, features, neighbours, categories = setup
+    queries = np.random.default_rng(1).normal(size=(3, features.shape[1])).astype(np.float32)
+    query_neighbours = np.array([[0, 5, 7, 3], [3, 20, -1, -1], [29, 28, 27, 26]])
+    encoder = QueryEncoder(model, features, neighbours, categories)
+    got = encoder.context_aware(queries, query_neighbours)
+    # Reference: append the queries as nodes 30..32 of the full graph, run the encoder on everything.
+    table = np.concatenate([neighbours, query_neighbours])
+    with torch.no_grad():
+        full = model.encode(torch.tensor(np.concatenate([features, queries])),
+                            sampling.edge_index_of(torch.tensor(table)))
+    assert got.shape == (3, 5)
+    assert np.allclose(got, full[30:].numpy(), atol=1e-5)
+
+
+def test_context_free_equals_self_loops_only(setup):
+    model, features, neighbours, _ = setup
+    x = features[:4]
+    with torch.no_grad():
+        expected = model.encode(torch.tensor(x), torch.stack([torch.arange(4), torch.arange(4)])).numpy()
+    assert np.allclose(QueryEncoder(model, features, neighbours).context_free(x), expected, atol=1e-6)
+
+
+def test_insertion_neighbours_pick_the_most_similar_candidates(setup):
+    model, features, neighbours, categories = setup
+    encoder = QueryEncoder(model, features, neighbours, categories)
+    x = features[[2, 20]] + 0.01
+    seeds = np.array([[2, -1], [20, 21]])
+    got = encoder.insertion_neighbours(x, seeds, k=3)
+    for b in range(2):
+        pool = {int(s) for s in seeds[b] if s >= 0}
+        pool |= {int(m) for s in seeds[b] if s >= 0 for m in neighbours[s] if m >= 0}
+        ranked = sorted(pool, key=lambda c: -float(features[c] @ x[b]))[:3]
+        assert got[b].tolist() == ranked
+    inside = encoder.insertion_neighbours(x, seeds, k=10, category=np.array(["a", "b"], dtype=object))
+    assert all(categories[c] == "a" for c in inside[0] if c >= 0)
+    assert all(categories[c] == "b" for c in inside[1] if c >= 0)
+    assert (inside[0] == -1).any()  # fewer candidates than k: padded
