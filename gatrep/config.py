@@ -194,6 +194,9 @@ class ModelConfig:
         default=(512,), metadata={"help": "hidden sizes of the fully connected decoder, comma separated"}
     )
     dropout: float = dataclasses.field(default=0.0, metadata={"help": "dropout on the graph layers' inputs"})
+    standardise: bool = dataclasses.field(
+        default=False, metadata={"help": "scale each feature dimension to mean 0, std 1 before the encoder"}
+    )
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:
@@ -220,6 +223,11 @@ class TrainConfig:
         default=(512,), metadata={"help": "hidden sizes of the fully connected decoder, comma separated"}
     )
     dropout: float = dataclasses.field(default=0.0, metadata={"help": "dropout on the graph layers' inputs"})
+    standardise: bool = dataclasses.field(
+        default=True,
+        metadata={"help": "scale each feature dimension to mean 0, std 1 (statistics stored with the weights); "
+                          "false = the paper's GAT-AE on unit vectors"},
+    )
     epochs: int = dataclasses.field(default=200, metadata={"help": "passes over the seed nodes (the paper: 200)"})
     lr: float = dataclasses.field(default=1e-3, metadata={"help": "Adam learning rate"})
     batch_size: int = dataclasses.field(default=512, metadata={"help": "seed nodes per mini-batch and worker"})
@@ -262,7 +270,8 @@ class TrainConfig:
     def model_config(self, in_dim: int) -> ModelConfig:
         """The ModelConfig these flags describe for features of size `in_dim`."""
         return ModelConfig(in_dim=in_dim, encoder=self.encoder, hidden=self.hidden, heads=self.heads,
-                           latent_dim=self.latent_dim, decoder_hidden=self.decoder_hidden, dropout=self.dropout)
+                           latent_dim=self.latent_dim, decoder_hidden=self.decoder_hidden, dropout=self.dropout,
+                           standardise=self.standardise)
 
 
 INDEX_SOURCES = ("latents", "embeddings")

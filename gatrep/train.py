@@ -180,6 +180,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     neighbours = _shared_tensor(ray.get(loop["neighbours"]))
     torch.manual_seed(cfg.seed)
     model = models.build_model(model_cfg)
+    if model_cfg.standardise:  # every worker computes the same statistics from the same shared features
+        model.fit_scaling(features)
     start, history, optimizer_state = _restore(ray.train.get_checkpoint(), model, model_cfg)
     ddp_model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 JOBS = ("embed", "graph", "train", "index", "query", "evaluate", "pipeline", "reindex", "report")

@@ -54,7 +54,7 @@ def test_paper_preset_is_two_gat_layers_and_a_256_latent() -> None:
 
 
 def test_sage_encoder_plugs_into_the_same_autoencoder() -> None:
-    model = GraphAutoencoder(SAGEEncoder(8, 4, 6), MLPDecoder(6, [5], 8))
+    model = GraphAutoencoder(SAGEEncoder(8, 4, 6), MLPDecoder(6, [5], 8), in_dim=8)
     z, x_hat = model(_features(), sampling.edge_index_of(TABLE))
     assert z.shape == (6, 6) and x_hat.shape == (6, 8)
 
@@ -139,3 +139,22 @@ def test_load_refuses_a_missing_or_foreign_directory(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"format": "gatrep.graph_autoencoder/1", "model": SMALL}))
     with pytest.raises(ModelLoadError, match="cannot read safetensors"):
         load_model(str(tmp_path))
+
+
+def test_standardised_features_scale_inside_the_model_and_travel_with_its_weights(tmp_path):
+    torch.manual_seed(0)
+    features = torch.randn(20, 6) * torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 100.0]) + 7.0
+    plain = build_model(ModelConfig(in_dim=6, hidden=4, heads=2, latent_dim=3, decoder_hidden=(5,)))
+    assert torch.equal(plain.scale(features), features)  # unfitted: identity, the paper's model
+    cfg = ModelConfig(in_dim=6, hidden=4, heads=2, latent_dim=3, decoder_hidden=(5,), standardise=True)
+    model = build_model(cfg)
+    model.fit_scaling(features)
+    scaled = model.scale(features)
+    assert torch.allclose(scaled.mean(dim=0), torch.zeros(6), atol=1e-5)
+    assert torch.allclose(scaled.std(dim=0), torch.ones(6), atol=1e-5)
+    # The encoder sees the scaled features: the same as an unscaled model fed pre-scaled input.
+    plain.load_state_dict({**model.state_dict(), "feature_mean": torch.zeros(6), "feature_std": torch.ones(6)})
+    assert torch.allclose(model.context_free(features), plain.context_free(scaled), atol=1e-5)
+    save_model(model, cfg, str(tmp_path / "m"))
+    loaded, loaded_cfg = load_model(str(tmp_path / "m"))
+    assert loaded_cfg.standardise and torch.allclose(loaded.context_free(features), model.context_free(features))

@@ -30,7 +30,11 @@ FORMAT = "gatrep.graph_autoencoder/1"
 # connected decoder; trained with MSE on the features and Adam for 200 epochs (TrainConfig's defaults).
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"encoder": "gat", "hidden": 256, "heads": 4, "latent_dim": 256, "decoder_hidden": (512,),
-              "dropout": 0.0},
+              "dropout": 0.0, "standardise": False},
+    # gatrep's default: the paper's GAT-AE on features standardised per dimension (bench/quality.py:
+    # +12 points of categorization accuracy on digits, +3 on Fashion-MNIST, context-free queries).
+    "gatrep": {"encoder": "gat", "hidden": 256, "heads": 4, "latent_dim": 256, "decoder_hidden": (512,),
+               "dropout": 0.0, "standardise": True},
 }
 
 
@@ -53,7 +57,7 @@ def build_model(model_config: ModelConfig) -> GraphAutoencoder:
         encoder = GATEncoder(c.in_dim, c.hidden, c.heads, c.latent_dim, c.dropout)
     else:
         encoder = SAGEEncoder(c.in_dim, c.hidden, c.latent_dim, c.dropout)
-    return GraphAutoencoder(encoder, MLPDecoder(c.latent_dim, c.decoder_hidden, c.in_dim))
+    return GraphAutoencoder(encoder, MLPDecoder(c.latent_dim, c.decoder_hidden, c.in_dim), c.in_dim)
 
 
 def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:
@@ -154,7 +158,7 @@ def context_aware_latents(model: GraphAutoencoder, features: Tensor, neighbours:
     model.eval()
     device = device or next(model.parameters()).device
     neighbours = neighbours.cpu()
-    h = features.float().cpu()
+    h = model.scale(features.float().cpu())
     for i in range(model.encoder.num_layers):
         outputs = []
         for start in range(0, len(h), batch_size):

@@ -56,26 +56,43 @@ class MLPDecoder(nn.Sequential):
 
 
 class GraphAutoencoder(nn.Module):
-    """GAT-AE (the paper's Fig. 4) or any encoder: features -> graph encoder -> latent -> decoder -> features."""
+    """GAT-AE (the paper's Fig. 4) or any encoder: features -> graph encoder -> latent -> decoder -> features.
 
-    def __init__(self, encoder: GraphEncoder, decoder: nn.Module) -> None:
+    Features are first scaled per dimension by the `feature_mean` / `feature_std` buffers (identity
+    until `fit_scaling` sets them), so the statistics travel with the weights; the decoder
+    reconstructs the scaled features.
+    """
+
+    def __init__(self, encoder: GraphEncoder, decoder: nn.Module, in_dim: int) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
+        self.register_buffer("feature_mean", torch.zeros(in_dim))
+        self.register_buffer("feature_std", torch.ones(in_dim))
+
+    def fit_scaling(self, features: Tensor) -> None:
+        """Scale each input dimension to mean 0 and standard deviation 1 over `features` [N, in_dim]."""
+        features = features.float()
+        self.feature_mean.copy_(features.mean(dim=0))
+        self.feature_std.copy_(features.std(dim=0).clamp(min=1e-6))
+
+    def scale(self, x: Tensor) -> Tensor:
+        """x with each dimension standardised (unchanged for a model whose scaling was never fitted)."""
+        return (x - self.feature_mean.to(x.device)) / self.feature_std.to(x.device)
 
     def forward(self, x: Tensor, edge_index: Tensor) -> tuple[Tensor, Tensor]:
-        """(latents z, reconstructed features x_hat), one row per row of x."""
-        z = self.encoder(x, edge_index)
+        """(latents z, reconstruction of the scaled features), one row per row of x."""
+        z = self.encoder(self.scale(x), edge_index)
         return z, self.decoder(z)
 
     def encode(self, x: Tensor, edge_index: Tensor) -> Tensor:
         """Context-aware latents: each node attends to its neighbours in edge_index."""
-        return self.encoder(x, edge_index)
+        return self.encoder(self.scale(x), edge_index)
 
     def context_free(self, x: Tensor) -> Tensor:
         """Context-free latents: every node sees itself only (a graph of self-loops), as the paper
         categorizes a query before it is inserted into a category's graph."""
-        return self.encoder(x, self_loops(len(x), x.device))
+        return self.encoder(self.scale(x), self_loops(len(x), x.device))
 
 
 def self_loops(n: int, device: torch.device | str | None = None) -> Tensor:

@@ -23,13 +23,14 @@ class EpochStats:
 
 
 def reconstruction_loss(model: nn.Module, batch: Data) -> Tensor:
-    """MSE between the seed nodes' features and their reconstruction (the paper's loss).
+    """MSE between the seed nodes' (scaled) features and their reconstruction (the paper's loss).
 
     The first `batch.batch_size` rows of a sampled batch are its seed nodes; the other rows are there
     only as their neighbours, so they are not scored."""
     _, x_hat = model(batch.x, batch.edge_index)
     seeds = batch.batch_size
-    return F.mse_loss(x_hat[:seeds], batch.x[:seeds])
+    target = getattr(model, "module", model).scale(batch.x[:seeds])  # DDP wraps the autoencoder
+    return F.mse_loss(x_hat[:seeds], target)
 
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[Data],
