@@ -63,6 +63,9 @@ class GraphAutoencoder(nn.Module):
     reconstructs the scaled features.
     """
 
+    feature_mean: Tensor
+    feature_std: Tensor
+
     def __init__(self, encoder: GraphEncoder, decoder: nn.Module, in_dim: int) -> None:
         super().__init__()
         self.encoder = encoder

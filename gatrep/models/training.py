@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,8 @@ def reconstruction_loss(model: nn.Module, batch: Data) -> Tensor:
     only as their neighbours, so they are not scored."""
     _, x_hat = model(batch.x, batch.edge_index)
     seeds = batch.batch_size
-    target = getattr(model, "module", model).scale(batch.x[:seeds])  # DDP wraps the autoencoder
+    autoencoder: Any = getattr(model, "module", model)  # DDP wraps the autoencoder
+    target = autoencoder.scale(batch.x[:seeds])
     return F.mse_loss(x_hat[:seeds], target)
 
 
