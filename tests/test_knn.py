@@ -80,3 +80,20 @@ def test_check_size_refuses_fewer_than_k_plus_one_nodes() -> None:
     knn.check_size(4, 3, "here")
     with pytest.raises(knn.GraphInputError, match="3 nodes, but k=3"):
         knn.check_size(3, 3, "here")
+
+
+def test_pynndescent_still_compiles_after_ray_data_showed_progress():
+    """Ray's progress bars used to replace builtins.print, which broke numba in the same process."""
+    import builtins
+
+    import ray
+    from ray.experimental import tqdm_ray
+
+    original = builtins.print
+    ray.init(num_cpus=1, object_store_memory=100 * 1024**2, include_dashboard=False)
+    try:
+        tqdm_ray.instance()  # what Ray Data's progress bars call
+        assert builtins.print is original
+    finally:
+        ray.shutdown()
+        builtins.print = original
