@@ -212,17 +212,25 @@ def publish(stage_uri: str, stage: str, files: Iterable[str], config: dict[str, 
         "files": relative,
         **extra,
     }
-    data = json.dumps(manifest, indent=2, sort_keys=True).encode()
-    manifest_path = posixpath.join(path, MANIFEST)
-    fs.makedirs(path, exist_ok=True)
-    if isinstance(fs, LocalFileSystem):
-        tmp = f"{manifest_path}.{uuid.uuid4().hex[:8]}.tmp"
-        fs.pipe_file(tmp, data)
-        fs.mv(tmp, manifest_path)
-    else:
-        fs.pipe_file(manifest_path, data)
+    write_atomic(join(stage_uri, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
     _remove_unlisted(fs, path, relative)
     return manifest
+
+
+def write_atomic(uri: str, data: bytes) -> None:
+    """Write a whole file so that readers see the old one or the new one, never half of one.
+
+    On a local filesystem the data goes to a temporary file renamed into place; on object stores a
+    single PUT is already atomic.
+    """
+    fs, path = url_to_fs(uri)
+    fs.makedirs(posixpath.dirname(path) or "/", exist_ok=True)
+    if isinstance(fs, LocalFileSystem):
+        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+        fs.pipe_file(tmp, data)
+        fs.mv(tmp, path)
+    else:
+        fs.pipe_file(path, data)
 
 
 def _remove_unlisted(fs: fsspec.AbstractFileSystem, path: str, keep: list[str]) -> None:

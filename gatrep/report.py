@@ -13,7 +13,6 @@ import math
 import posixpath
 import re
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -21,7 +20,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from gatrep import images, io, query, schemas
@@ -1297,15 +1295,6 @@ def build(cfg: ReportConfig) -> tuple[str, dict[str, Any]]:
 
 
 def write_html(text: str, out_uri: str) -> str:
-    """Write the page to `out_uri` (any fsspec URI) and return it; on a local disk through a temporary file renamed
-    into place, so a reader never sees half a page (an object store's single PUT is already atomic)."""
-    fs, path = io.url_to_fs(out_uri)
-    fs.makedirs(posixpath.dirname(path) or "/", exist_ok=True)
-    data = text.encode("utf-8")
-    if isinstance(fs, LocalFileSystem):
-        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-        fs.pipe_file(tmp, data)
-        fs.mv(tmp, path)
-    else:
-        fs.pipe_file(path, data)
+    """Write the page to `out_uri` (any fsspec URI), atomically, and return it."""
+    io.write_atomic(out_uri, text.encode("utf-8"))
     return out_uri

@@ -87,8 +87,11 @@ def check_size(inputs: TrainInputs, cfg: TrainConfig) -> None:
 
 
 def checkpoint_storage(run: str) -> str:
-    """Where Ray Train keeps this run's checkpoints: `<run>/model/_checkpoints` (kept across reruns)."""
-    return io.join(run, "model", "_checkpoints")
+    """Where Ray Train keeps this run's checkpoints: `<run>/model/_checkpoints` (kept across reruns).
+
+    Absolute, since Ray Train refuses a relative path (`--run runs/demo`) as its storage_path.
+    """
+    return io.full_uri(*io.url_to_fs(io.join(run, "model", "_checkpoints")))
 
 
 def check_checkpoints(storage: str, model_cfg: ModelConfig, resume: bool) -> int:

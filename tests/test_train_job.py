@@ -103,3 +103,10 @@ def test_bad_graph_stages_are_refused_and_nothing_is_written(local_ray: None, tm
     assert train_job.main(["--run", root, *SMALL]) == 2
     assert "rebuild the graph" in capsys.readouterr().err
     assert not (tmp_path / "model").exists() and not (tmp_path / "latents").exists()
+
+
+def test_checkpoint_storage_is_absolute_for_a_relative_run(tmp_path, monkeypatch):
+    from gatrep.train import checkpoint_storage
+
+    monkeypatch.chdir(tmp_path)
+    assert checkpoint_storage("runs/demo") == str(tmp_path / "runs/demo/model/_checkpoints")
