@@ -365,10 +365,11 @@ class QueryConfig:
                           "images, knn (vote of the k nearest indexed images)"},
     )
     query_latent: str = dataclasses.field(
-        default="category-aware",
-        metadata={"help": "latent indexes only. category-aware: categorize context-free, then insert into the "
-                          "category's graph to retrieve (Approach II); context-aware: insert into the whole "
-                          "graph first (Approach I); context-free: self-loops only"},
+        default="context-aware",
+        metadata={"help": "latent indexes only. context-aware: insert the query into the whole graph, then "
+                          "categorize and retrieve (Approach I; categorizes best, see README); category-aware: "
+                          "categorize context-free, then insert into the category's graph to retrieve "
+                          "(Approach II); context-free: self-loops only"},
     )
     k: int = dataclasses.field(default=10, metadata={"help": "matches returned per query"})
     insert_k: int = dataclasses.field(
