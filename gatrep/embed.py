@@ -99,18 +99,17 @@ def run(cfg: EmbedConfig) -> dict[str, Any]:
         if not ray.is_initialized():
             ray.init()
     with io.timed(timings, "embed"):
-        new_files = _embed(inputs, cfg, backbone.dim, known, run_dir)
+        new_files = _embed(inputs, cfg, known, run_dir)
     with io.timed(timings, "merge"):
         new_uris = {u for f in new_files for u in io.read_column(f, schemas.URI)}
         kept_files = _retain(stage_uri, previous, inputs, new_uris, run_dir)
     files = kept_files + new_files
     counts = _status_counts(files)
-    manifest = io.publish(
+    return io.publish(
         stage_uri, STAGE, files, to_dict(cfg), dim=backbone.dim, dtype=cfg.dtype, normalised=True,
         rows=sum(counts.values()), counts=counts, embedded=len(new_uris), reused=sum(counts.values()) - len(new_uris),
         timings=timings,
     )
-    return manifest
 
 
 def _previous_stage(stage_uri: str, cfg: EmbedConfig) -> dict[str, Any] | None:
@@ -137,7 +136,7 @@ def _known_ids(stage_uri: str, manifest: dict[str, Any] | None) -> dict[str, str
     return dict(zip(table[schemas.URI].to_pylist(), table[schemas.IMAGE_ID].to_pylist(), strict=True))
 
 
-def _embed(inputs: pa.Table, cfg: EmbedConfig, dim: int, known: dict[str, str], run_dir: str) -> list[str]:
+def _embed(inputs: pa.Table, cfg: EmbedConfig, known: dict[str, str], run_dir: str) -> list[str]:
     """Run the Ray Data pipeline over `inputs`; returns the Parquet files it wrote."""
     embedding_dataset(inputs, cfg, known).write_parquet(run_dir)
     return io.list_parquet(run_dir)
