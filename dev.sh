@@ -33,13 +33,11 @@ case "${1:-}" in
   demo)
     setup
     shift
-    export NUMBA_CACHE_DIR=${NUMBA_CACHE_DIR:-$HOME/.cache/gatrep/numba}
     "$VENV/bin/python" -m jobs.pipeline "$@"
     ;;
   test)
     setup
     shift
-    export NUMBA_CACHE_DIR=${NUMBA_CACHE_DIR:-$HOME/.cache/gatrep/numba}
     "$VENV/bin/ruff" check .
     "$VENV/bin/mypy" gatrep
     ensure_chromium

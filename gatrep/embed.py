@@ -104,7 +104,7 @@ def run(cfg: EmbedConfig) -> dict[str, Any]:
         new_uris = {u for f in new_files for u in io.read_column(f, schemas.URI)}
         kept_files = _retain(stage_uri, previous, inputs, new_uris, run_dir)
     files = kept_files + new_files
-    counts = _status_counts(files)
+    counts = io.status_counts(files)
     return io.publish(
         stage_uri, STAGE, files, to_dict(cfg), dim=backbone.dim, dtype=cfg.dtype, normalised=True,
         rows=sum(counts.values()), counts=counts, embedded=len(new_uris), reused=sum(counts.values()) - len(new_uris),
@@ -214,10 +214,6 @@ def _retain(stage_uri: str, manifest: dict[str, Any] | None, inputs: pa.Table, n
                                      pa.array([lc[1] for lc in relabelled], pa.string()))
             kept.append(io.write_table(table, run_dir, f"kept-{n:05d}.parquet"))
     return kept
-
-
-def _status_counts(files: list[str]) -> dict[str, int]:
-    return dict(sorted(collections.Counter(s for f in files for s in io.read_column(f, schemas.STATUS)).items()))
 
 
 def summary(manifest: dict[str, Any], seconds: float | None = None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import json
@@ -183,6 +184,12 @@ def read_column(file_uri: str, column: str) -> list[Any]:
     """One column of one Parquet file, as Python values."""
     fs, path = url_to_fs(file_uri)
     return pq.read_table(path, filesystem=fs, columns=[column])[column].to_pylist()
+
+
+def status_counts(files: list[str]) -> dict[str, int]:
+    """Rows per `status` over Parquet files (embeddings or results), sorted by status."""
+    counts = collections.Counter(s for f in files for s in read_column(f, schemas.STATUS))
+    return dict(sorted(counts.items()))
 
 
 def write_table(table: pa.Table, dir_uri: str, name: str = "part-00000.parquet") -> str:

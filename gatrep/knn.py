@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Iterator
 from typing import Any
-
-# pynndescent compiles with numba on first use; a persistent cache makes later processes start in seconds.
-os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "gatrep", "numba"))
 
 import numpy as np
 import pyarrow as pa

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -306,8 +305,7 @@ def nearest_neighbours(unit: np.ndarray, k: int, exact_max: int = 20_000,
 
 
 def import_pynndescent() -> Any:
-    """pynndescent, imported with numba's on-disk cache in ~/.cache/gatrep/numba (saves a minute per process)."""
-    os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "gatrep", "numba"))
+    """pynndescent, imported lazily (gatrep/__init__.py points numba's on-disk cache at ~/.cache/gatrep/numba)."""
     import pynndescent
 
     return pynndescent

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 from typing import Any
 
@@ -161,10 +160,9 @@ def run(cfg: QueryConfig) -> dict[str, Any]:
         )
         ds.write_parquet(run_dir)
     files = io.list_parquet(run_dir)
-    statuses = collections.Counter(s for f in files for s in io.read_column(f, schemas.STATUS))
-    rows = sum(statuses.values())
-    return io.publish(stage_uri, STAGE, files, to_dict(cfg), {"index": sources.index}, rows=rows,
-                      counts=dict(sorted(statuses.items())), method=method_name(cfg, sources), timings=timings)
+    counts = io.status_counts(files)
+    return io.publish(stage_uri, STAGE, files, to_dict(cfg), {"index": sources.index}, rows=sum(counts.values()),
+                      counts=counts, method=method_name(cfg, sources), timings=timings)
 
 
 def method_name(cfg: QueryConfig, sources: IndexSources) -> str:
