@@ -39,7 +39,7 @@ case "${1:-}" in
     setup
     shift
     "$VENV/bin/ruff" check .
-    "$VENV/bin/mypy" gatrep
+    "$VENV/bin/mypy" --explicit-package-bases gatrep jobs bench
     ensure_chromium
     "$VENV/bin/pytest" -q -p no:cacheprovider "$@"
     ;;

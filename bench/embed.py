@@ -4,7 +4,7 @@
 
 Writes Fashion-MNIST training images as 256x256 JPEGs (Debian package dataset-fashion-mnist), then
 for each backbone measures (1) images/s of the backbone alone on pre-decoded crops, with the same
-torch thread count the job's actor gets, and (2) images/s of `gatrep.embed.run` over the JPEG
+torch thread count the job's actor gets, and (2) images/s of `gatrep.stages.embed.run` over the JPEG
 files (read, hash, decode, resize, forward, write Parquet), with Ray already started. The job is
 timed on half of the files and on all of them: the difference gives its marginal rate, with the
 fixed start-up (worker processes importing torch, loading the model, planning) taken out, and
@@ -52,7 +52,9 @@ def decoded_crops(uris: list[str], backbone: str) -> tuple[np.ndarray, float]:
     crops = []
     for uri in uris:
         with open(uri, "rb") as f:
-            crops.append(images.decode(f.read(), prep, 10**8).pixels)
+            pixels = images.decode(f.read(), prep, 10**8).pixels
+        assert pixels is not None, f"{uri} did not decode"
+        crops.append(pixels)
     return np.stack(crops), len(uris) / (time.perf_counter() - start)
 
 
@@ -69,8 +71,8 @@ def weights_for(backbone: str) -> str:
 
 def job_seconds(source: str, backbone: str, weights: str, batch: int) -> tuple[float, dict]:
     """Seconds of the whole embedding job over `source` (Ray already running), and its manifest."""
-    from gatrep import embed
     from gatrep.config import EmbedConfig
+    from gatrep.stages import embed
 
     with tempfile.TemporaryDirectory() as out:
         cfg = EmbedConfig(input=source, run=out, backbone=backbone, weights=weights, batch_size=batch)

@@ -71,15 +71,16 @@ def measure(args: argparse.Namespace, data: str, n: int) -> dict:
     import torch
 
     from gatrep import knn
+    from gatrep import vectors as vectors_lib
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     start = time.perf_counter()
     tiny = np.random.default_rng(0).standard_normal((200, 8)).astype(np.float32)
-    knn.approximate_knn(tiny / np.linalg.norm(tiny, axis=1, keepdims=True), 5, metric=args.metric, n_jobs=args.n_jobs)
+    vectors_lib.approximate_knn(vectors_lib.normalise(tiny), 5, metric=args.metric, n_jobs=args.n_jobs)
     jit = time.perf_counter() - start
     vectors = vectors_for(data, n, args.dim)
     start = time.perf_counter()
-    neighbours, _ = knn.approximate_knn(vectors, args.k, metric=args.metric, n_jobs=args.n_jobs, seed=0,
+    neighbours, _ = vectors_lib.approximate_knn(vectors, args.k, metric=args.metric, n_jobs=args.n_jobs, seed=0,
                                         build_k=args.build_k)
     build = time.perf_counter() - start
     groups = np.zeros(len(vectors), dtype=object)
@@ -90,7 +91,7 @@ def measure(args: argparse.Namespace, data: str, n: int) -> dict:
               "total_s": round(jit + build, 1), f"recall@{args.k}": round(recall or 0.0, 4)}
     if len(vectors) <= args.exact_max:
         start = time.perf_counter()
-        knn.exact_knn(vectors, args.k)
+        vectors_lib.exact_knn(vectors, args.k)
         result.update(exact_s=round(time.perf_counter() - start, 1), exact_extrapolated=False)
     else:
         result.update(exact_s=round(sample_exact * len(vectors) / min(args.recall_sample, len(vectors)), 1),

@@ -1,14 +1,17 @@
 """Categorization and retrieval quality of every method on one labelled split, side by side.
 
-    python bench/quality.py --dataset digits                      # 1,437 indexed / 360 held-out queries
-    python bench/quality.py --dataset fashion-mnist --device cuda # 60,000 indexed / 10,000 test queries
+    python bench/quality.py --dataset digits --seeds 0,1,2         # 1,437 indexed / 360 held-out queries
+    python bench/quality.py --dataset fashion-mnist --device cuda   # 60,000 indexed / 10,000 test queries
 
-The method in-process on gatrep's own pure modules (no Ray, so it also runs on a GPU machine without
-it): backbone features -> exact k-NN graph -> GAT-AE trained with the neighbour sampler -> latents ->
-representatives per category (categories given; each category is one listing, the paper's
-Approach II) -> categorize the held-out queries -> retrieve inside the chosen category. Baselines on
-the same split: raw features with centroid / most-central / top-m central representatives, a k-NN
-vote over the index, and HOG. Prints one table (gatrep.evaluate.format_table).
+The method in-process on gatrep's own modules (no Ray, so it also runs on a GPU machine without it):
+backbone features -> exact k-NN graph -> GAT-AE trained with the neighbour sampler -> latents ->
+representatives per category (categories given; each category is one listing, the paper's Approach
+II) -> categorize the held-out queries -> retrieve inside the chosen category. Queries go through the
+query stage's own path (gatrep.models.query_latents.search for latents, Searcher.search for raw
+features). Every row names its representative method (`rep=`) and category scoring. Baselines on the
+same split: raw features with centroid / most-central / top-m central representatives, a k-NN vote
+over the index, and HOG. Trained rows are repeated for each seed of --seeds and given as mean ± spread
+(half the range) of accuracy; the features and baselines do not depend on the seed.
 """
 
 from __future__ import annotations
@@ -17,18 +20,19 @@ import argparse
 import dataclasses
 import multiprocessing
 import time
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from gatrep import backbones, evaluate, images, represent
+from gatrep.categorize import CategoryIndex, Searcher
 from gatrep.config import ModelConfig
-from gatrep.inference import QueryEncoder
-from gatrep.models import build_model, context_aware_latents
-from gatrep.models.training import train_epoch
-from gatrep.query import CategoryIndex, Searcher
+from gatrep.models import GraphAutoencoder, build_model, context_aware_latents, query_latents
+from gatrep.models.epoch import train_epoch
 from gatrep.sampling import make_loader
+from gatrep.vectors import exact_knn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,19 +91,8 @@ def hog_features(grey: np.ndarray, procs: int) -> np.ndarray:
         return np.concatenate(pool.map(_hog, np.array_split(pixels, procs * 4)))
 
 
-def exact_knn(x: np.ndarray, k: int, device: str) -> np.ndarray:
-    """[n, k] cosine nearest neighbours (self excluded), by chunked matrix products on `device`."""
-    t = torch.as_tensor(x, device=device)
-    out = []
-    for start in range(0, len(t), 4096):
-        sims = t[start : start + 4096] @ t.T
-        sims[torch.arange(len(sims)), torch.arange(start, start + len(sims))] = -2.0
-        out.append(sims.topk(k, dim=1).indices.cpu())
-    return torch.cat(out).numpy()
-
-
 def train(cfg: ModelConfig, x: np.ndarray, neighbours: np.ndarray, epochs: int, device: str, lr: float,
-          batch_size: int, seed: int = 0) -> torch.nn.Module:
+          batch_size: int, seed: int = 0) -> GraphAutoencoder:
     torch.manual_seed(seed)
     model = build_model(cfg)
     if cfg.standardise:
@@ -116,29 +109,93 @@ def train(cfg: ModelConfig, x: np.ndarray, neighbours: np.ndarray, epochs: int, 
 
 
 def searcher(vectors: np.ndarray, labels: np.ndarray, method: str, top_m: int = 5) -> Searcher:
-    """A Searcher over `vectors` grouped by their given category (one listing per category)."""
+    """A Searcher over `vectors` grouped by their given category (one listing per category), with `method`'s
+    representative per category, as the index stage builds it."""
     reps = represent.represent_groups(vectors, labels, method, top_m)
     central = represent.represent_groups(vectors, labels, "most_central", top_m)
+    ids = np.array([str(i) for i in range(len(vectors))], dtype=object)
     # Exact search inside each category: quality, not speed, is measured here (bench/query.py times the ANN).
-    index = CategoryIndex.build(vectors, np.array([str(i) for i in range(len(vectors))], dtype=object), labels,
-                                labels, ann_min_size=2**62)
+    index = CategoryIndex.build(vectors, ids, labels, labels, ann_min_size=2**62)
     return Searcher(reps.groups, reps.vectors, [vectors[top] for top in central.top], reps.groups, index)
 
 
-def gat_rows(name: str, model: torch.nn.Module, x: np.ndarray, nbrs: np.ndarray, xq: np.ndarray,
-             labels: np.ndarray, query_labels: np.ndarray, k: int) -> list[evaluate.MethodResult]:
-    """The GAT-AE methods of one trained model: context-free and context-aware query latents, each scored
-    against centroid representatives and by a k-NN vote over the index latents."""
+def judge(name: str, s: Searcher, found: Any, query_labels: np.ndarray, k: int) -> evaluate.MethodResult:
+    """One method's figures from the answers the query path gave."""
+    relevant = s.index.label_counts()
+    label_of = dict(zip(s.names, s.labels, strict=True))
+    predicted = [label_of.get(c) for c in found.category]
+    return evaluate.method_result(name, list(query_labels), predicted, list(found.match_labels),
+                                  [relevant.get(str(y), 0) for y in query_labels], k)
+
+
+def gat_rows(name: str, model: GraphAutoencoder, x: np.ndarray, nbrs: np.ndarray, xq: np.ndarray,
+             labels: np.ndarray, query_labels: np.ndarray, k: int, method: str) -> list[evaluate.MethodResult]:
+    """The GAT-AE methods of one trained model through the query stage's path: each query-latent mode with
+    `method` representatives (single) and with a k-NN vote over the index latents."""
     z = context_aware_latents(model, torch.as_tensor(x), torch.as_tensor(nbrs), 4096).numpy()
-    encoder = QueryEncoder(model, x, nbrs)
-    z0 = encoder.context_free(xq)
-    s0 = searcher(z, labels, "centroid")
-    seeds = np.array([[int(i) if i is not None else -1 for i in row] for row in s0.index.search_all(z0, 5)[0]])
-    z1 = encoder.context_aware(xq, encoder.insertion_neighbours(xq, seeds, nbrs.shape[1]))
+    ids = np.array([str(i) for i in range(len(x))], dtype=object)
+    encoder = query_latents.QueryEncoder(model, x, nbrs, labels, ids)
+    s = searcher(z, labels, method)
     rows = []
-    for latent, zq in (("context-free", z0), ("context-aware", z1)):
-        rows += evaluate.evaluate_searcher(f"{name} {latent}", s0, zq, list(query_labels), k,
-                                           scorings=("single", "knn"))
+    for mode in ("context-free", "category-aware", "context-aware"):
+        for scoring in ("single", "knn"):
+            found = query_latents.search(s, encoder, xq, mode, k, scoring)
+            rep = f"rep={method}" if scoring == "single" else "10-NN vote"
+            rows.append(judge(f"{name} {mode} {rep}", s, found, query_labels, k))
+    return rows
+
+
+def spread_table(runs: list[list[evaluate.MethodResult]]) -> list[str]:
+    """Lines 'name  mean ± half-range (n seeds)' of categorization accuracy and mAP@k, one per method."""
+    lines = []
+    for same in zip(*runs, strict=True):
+        acc = np.array([r.categorization.accuracy for r in same])
+        ap = np.array([r.retrieval.map if r.retrieval else np.nan for r in same])
+        lines.append(f"  {same[0].name:58s} {acc.mean():6.1%} ± {np.ptp(acc) / 2:.1%}   mAP {ap.mean():.3f} "
+                     f"± {np.ptp(ap) / 2:.3f}   ({len(same)} seeds)")
+    return lines
+
+
+def baseline_rows(split: Split, x: np.ndarray, xq: np.ndarray, args: argparse.Namespace) -> list[evaluate.MethodResult]:
+    """Raw features and HOG through Searcher.search, the query stage's path for an embeddings index."""
+    labels, q = split.index_labels, split.query_labels
+    rows = []
+    for method in ("centroid", "most_central"):
+        s = searcher(x, labels, method)
+        rows.append(judge(f"raw rep={method}", s, s.search(xq, args.k, "single"), q, args.k))
+    s = searcher(x, labels, "centroid")
+    rows.append(judge("raw top-5 central (max)", s, s.search(xq, args.k, "max"), q, args.k))
+    rows.append(judge("raw 10-NN vote", s, s.search(xq, args.k, "knn"), q, args.k))
+    if not args.no_hog:
+        h, hq = hog_features(split.index, args.procs), hog_features(split.queries, args.procs)
+        s = searcher(h, labels, "most_central")
+        rows.append(judge("hog rep=most_central", s, s.search(hq, args.k, "single"), q, args.k))
+    return rows
+
+
+def variants(in_dim: int) -> dict[str, ModelConfig]:
+    """The paper's GAT-AE on unit vectors; gatrep's default (features standardised per dimension inside the
+    model: unit vectors give per-dimension MSE targets of ~1/sqrt(D), dominated by a few high-variance
+    dimensions); GraphSAGE as the encoder, either way."""
+    return {
+        "paper": ModelConfig(in_dim=in_dim, standardise=False),
+        "standardised": ModelConfig(in_dim=in_dim),
+        "sage": ModelConfig(in_dim=in_dim, encoder="sage", standardise=False),
+        "sage-standardised": ModelConfig(in_dim=in_dim, encoder="sage"),
+    }
+
+
+def trained_rows(split: Split, x: np.ndarray, xq: np.ndarray, nbrs: np.ndarray, args: argparse.Namespace,
+                 seed: int) -> list[evaluate.MethodResult]:
+    """Every GAT-AE variant trained with `seed`, queried every way."""
+    rows = []
+    for name in args.variants.split(","):
+        print(f"  seed {seed}: training variant {name!r} for {args.epochs} epochs", flush=True)
+        t = time.perf_counter()
+        model = train(variants(x.shape[1])[name], x, nbrs, args.epochs, args.device, 1e-3, args.batch_size, seed)
+        print(f"    trained in {time.perf_counter() - t:.1f} s", flush=True)
+        rows += gat_rows(f"gat-ae {name}", model, x, nbrs, xq, split.index_labels, split.query_labels, args.k,
+                         args.method)
     return rows
 
 
@@ -154,6 +211,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--method", default="most_central", help="GAT-AE category representative (the index "
+                                                                  "stage's default: most_central)")
+    parser.add_argument("--seeds", default="0,1,2", help="training seeds, comma separated (mean ± spread)")
     parser.add_argument("--variants", default="paper,standardised,sage,sage-standardised",
                         help="GAT-AE variants, comma separated")
     parser.add_argument("--no-hog", action="store_true")
@@ -166,42 +226,19 @@ def main() -> None:
     print(f"{args.dataset}: {len(split.index)} indexed, {len(split.queries)} queries; {args.backbone} on {args.device}")
     x = features(args.backbone, args.weights, args.device, crops(split.index, args.backbone, args.procs))
     xq = features(args.backbone, args.weights, args.device, crops(split.queries, args.backbone, args.procs))
-    nbrs = exact_knn(x, args.k, args.device)
+    nbrs = exact_knn(x, args.k)[0]
     same = (split.index_labels[nbrs] == split.index_labels[:, None]).mean()
     print(f"  features {x.shape} in {time.perf_counter() - start:.1f} s; k-NN graph: {same:.1%} of edges join "
           f"images of the same category", flush=True)
-    q = list(split.query_labels)
-    rows: list[evaluate.MethodResult] = []
-    for method in ("centroid", "most_central"):
-        rows += evaluate.evaluate_searcher(f"raw {method}", searcher(x, split.index_labels, method), xq, q, args.k,
-                                           scorings=("single",))
-    rows += evaluate.evaluate_searcher("raw", searcher(x, split.index_labels, "centroid"), xq, q, args.k,
-                                       scorings=("max", "knn"))
-    if not args.no_hog:
-        h, hq = hog_features(split.index, args.procs), hog_features(split.queries, args.procs)
-        rows += evaluate.evaluate_searcher("hog most_central", searcher(h, split.index_labels, "most_central"), hq, q,
-                                           args.k, scorings=("single",))
-    # Variants: the paper's GAT-AE on unit vectors; the same on features standardised per dimension
-    # (unit vectors give per-dimension MSE targets of ~1/sqrt(D), dominated by a few high-variance
-    # dimensions): gatrep's default; GraphSAGE as the encoder.
-    variants = {
-        "paper": ModelConfig(in_dim=x.shape[1]),
-        "standardised": ModelConfig(in_dim=x.shape[1], standardise=True),
-        "sage": ModelConfig(in_dim=x.shape[1], encoder="sage"),
-        "sage-standardised": ModelConfig(in_dim=x.shape[1], encoder="sage", standardise=True),
-    }
-    for name in args.variants.split(","):
-        print(f"  training GAT-AE variant {name!r} for {args.epochs} epochs", flush=True)
-        t = time.perf_counter()
-        model = train(variants[name], x, nbrs, args.epochs, args.device, 1e-3, args.batch_size)
-        print(f"    trained in {time.perf_counter() - t:.1f} s", flush=True)
-        rows += gat_rows(f"gat-ae {name}", model, x, nbrs, xq, split.index_labels, split.query_labels, args.k)
+    baselines = baseline_rows(split, x, xq, args)
+    runs = [trained_rows(split, x, xq, nbrs, args, int(seed)) for seed in args.seeds.split(",")]
     print()
-    print(evaluate.format_table(rows))
-    short = [(r.name, r.categorization.accuracy, r.retrieval.map if r.retrieval else float("nan")) for r in rows]
-    print("\nsummary (accuracy, mAP@k):")
-    for name, acc, ap in short:
-        print(f"  {name:40s} {acc:6.1%}  {ap:.3f}")
+    print(evaluate.format_table(baselines + runs[0]))
+    print("\nsummary (accuracy, mAP@k; trained rows: mean ± half the range over the seeds):")
+    for r in baselines:
+        ap = r.retrieval.map if r.retrieval else float("nan")
+        print(f"  {r.name:58s} {r.categorization.accuracy:6.1%}           mAP {ap:.3f}")
+    print("\n".join(spread_table(runs)))
     print(f"total {time.perf_counter() - start:.1f} s")
 
 

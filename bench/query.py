@@ -7,8 +7,10 @@ import time
 
 import numpy as np
 
-from gatrep import query, represent
-from gatrep.query import CategoryIndex
+from gatrep import categorize as query
+from gatrep import represent
+from gatrep.categorize import CategoryIndex
+from gatrep.vectors import exact_topk
 
 
 def clustered(n: int, categories: int, dim: int, intrinsic: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -51,7 +53,7 @@ def exact_ids(index: CategoryIndex, q: np.ndarray, categories: np.ndarray, k: in
     start = time.perf_counter()
     for name in set(categories.tolist()):
         members = np.flatnonzero(categories == name)
-        rows, _ = query.exact_top(unit[members], index.parts[name].vectors, k)
+        rows, _ = exact_topk(unit[members], index.parts[name].vectors, k)
         out[members] = index.parts[name].ids[rows]
     return out, time.perf_counter() - start
 

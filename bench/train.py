@@ -7,7 +7,7 @@ Each (N, mode) runs in a fresh subprocess so that its peak memory (max RSS on th
 on a GPU) is its own. Features are clustered unit vectors [N, 512] (float32) and the neighbour table
 is a random k-NN table [N, k] (k distinct random other nodes, int64) generated directly, so neither
 Ray nor pynndescent is needed. Sampled mode: one epoch = every node a seed once, in batches of
---batch-size with --num-neighbors per hop (the training job's loop, `gatrep.models.training`); above
+--batch-size with --num-neighbors per hop (the training job's loop, `gatrep.models.epoch`); above
 --full-epoch-max nodes only --max-batches batches run and the epoch time is extrapolated from them.
 Full-batch mode: one Adam step of the same model over the whole graph (PyG's usual full-graph
 training: one step = one epoch), only up to --full-batch-max nodes. Prints figures; asserts nothing.
@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 
 from gatrep import sampling  # noqa: E402
 from gatrep.config import ModelConfig  # noqa: E402
-from gatrep.models import build_model, preset  # noqa: E402
-from gatrep.models.training import train_epoch  # noqa: E402
+from gatrep.models import build_model  # noqa: E402
+from gatrep.models.epoch import train_epoch  # noqa: E402
 
 
 def clustered_features(n: int, dim: int, clusters: int = 1000, rank: int = 32, seed: int = 0) -> np.ndarray:
@@ -95,7 +95,8 @@ def measure(args: argparse.Namespace, n: int, mode: str) -> dict:
         features, neighbours = features.to(device), neighbours.to(device)
         torch.cuda.reset_peak_memory_stats()
     base = peak_memory_gib(device)
-    model_cfg = preset("paper", args.dim) if not args.small_model else ModelConfig(in_dim=args.dim, hidden=64, heads=2)
+    paper = ModelConfig(in_dim=args.dim, standardise=False)
+    model_cfg = paper if not args.small_model else ModelConfig(in_dim=args.dim, hidden=64, heads=2)
     model = build_model(model_cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     result = {"nodes": n, "mode": mode, "device": device, "data_gib": round(data_gib, 3),
@@ -186,7 +187,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--full-batch-max", type=int, default=100000, help="largest N for the PyG full-batch run")
     p.add_argument("--full-batch-steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = all cores")
-    p.add_argument("--small-model", action="store_true", help="hidden 64, 2 heads instead of the paper preset")
+    p.add_argument("--small-model", action="store_true", help="hidden 64, 2 heads instead of the paper's model")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.num_neighbors = [int(x) for x in args.num_neighbors.split(",")]

@@ -12,10 +12,13 @@ from typing import Any, TypeVar
 
 import yaml
 
+from gatrep import schemas
+from gatrep.errors import UserError
+
 C = TypeVar("C")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or flag that cannot be turned into a stage config."""
 
 
@@ -26,7 +29,7 @@ class EmbedConfig:
     input: str = dataclasses.field(metadata={"help": "image tree or manifest (.parquet/.csv), any fsspec URI"})
     run: str = dataclasses.field(metadata={"help": "run root URI; the stage is written to <run>/<stage>"})
     stage: str = dataclasses.field(
-        default="embeddings", metadata={"help": "stage directory under --run (e.g. query-embeddings)"}
+        default=schemas.EMBEDDINGS, metadata={"help": "stage directory under --run (e.g. query-embeddings)"}
     )
     backbone: str = dataclasses.field(default="mobilenet_v2", metadata={"help": "backbone name (see --list)"})
     weights: str = dataclasses.field(
@@ -55,6 +58,9 @@ class EmbedConfig:
     )
 
     def __post_init__(self) -> None:
+        from gatrep import backbones
+
+        _choose("backbone", self.backbone, backbones.names())
         if self.device not in ("auto", "cuda", "cpu"):
             raise ConfigError(f"device must be auto, cuda or cpu, not {self.device!r}")
         if self.dtype not in ("float32", "float16"):
@@ -118,7 +124,10 @@ def parse(cls: type[C], argv: Sequence[str] | None, description: str) -> C:
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
     if args.config:
-        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        try:
+            loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            parser.error(f"--config {args.config}: cannot be read as YAML ({err})")
         if not isinstance(loaded, dict):
             parser.error(f"{args.config}: expected a mapping of field names to values")
         values.update({k.replace("-", "_"): v for k, v in loaded.items()})
@@ -134,8 +143,13 @@ def parse(cls: type[C], argv: Sequence[str] | None, description: str) -> C:
     raise AssertionError("unreachable")
 
 
+def _choose(name: str, value: Any, allowed: Sequence[Any]) -> None:
+    """Refuse (ConfigError) a value outside a registry of names, listing them."""
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, allowed))}, not {value!r}")
+
+
 GROUP_BY = ("none", "listing", "category")
-ENCODERS = ("gat", "sage")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,40 +195,12 @@ class GraphConfig:
             raise ConfigError("exact_below and recall_sample must be >= 0")
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Everything that rebuilds a graph autoencoder; the defaults are the paper's GAT-AE (the `paper` preset)."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSettings:
+    """The graph autoencoder's settings, declared once: ModelConfig and TrainConfig both take them. The
+    defaults are the paper's GAT-AE (IV-A1) on features standardised per dimension (gatrep's one change;
+    `standardise=False` is the paper's model exactly)."""
 
-    in_dim: int = dataclasses.field(metadata={"help": "input feature size (the embedding dimension)"})
-    encoder: str = dataclasses.field(default="gat", metadata={"help": "gat (the paper) or sage (GraphSAGE)"})
-    hidden: int = dataclasses.field(default=256, metadata={"help": "channels per head of each graph layer"})
-    heads: int = dataclasses.field(default=4, metadata={"help": "attention heads of each GATConv layer"})
-    latent_dim: int = dataclasses.field(default=256, metadata={"help": "size of the latent layer"})
-    decoder_hidden: tuple[int, ...] = dataclasses.field(
-        default=(512,), metadata={"help": "hidden sizes of the fully connected decoder, comma separated"}
-    )
-    dropout: float = dataclasses.field(default=0.0, metadata={"help": "dropout on the graph layers' inputs"})
-    standardise: bool = dataclasses.field(
-        default=False, metadata={"help": "scale each feature dimension to mean 0, std 1 before the encoder"}
-    )
-
-    def __post_init__(self) -> None:
-        if self.encoder not in ENCODERS:
-            raise ConfigError(f"encoder must be one of {', '.join(ENCODERS)}, not {self.encoder!r}")
-        for name in ("in_dim", "hidden", "heads", "latent_dim"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
-        if any(h <= 0 for h in self.decoder_hidden):
-            raise ConfigError(f"decoder_hidden sizes must be positive, not {self.decoder_hidden}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), not {self.dropout}")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """The training stage: `graph` + `embeddings` -> `model` (GAT-AE on Ray Train) and `latents`."""
-
-    run: str = dataclasses.field(metadata={"help": "run root URI; reads graph and embeddings, writes model, latents"})
     encoder: str = dataclasses.field(default="gat", metadata={"help": "gat (the paper) or sage (GraphSAGE)"})
     hidden: int = dataclasses.field(default=256, metadata={"help": "channels per head of each graph layer"})
     heads: int = dataclasses.field(default=4, metadata={"help": "attention heads of each GATConv layer"})
@@ -228,6 +214,37 @@ class TrainConfig:
         metadata={"help": "scale each feature dimension to mean 0, std 1 (statistics stored with the weights); "
                           "false = the paper's GAT-AE on unit vectors"},
     )
+
+    def __post_init__(self) -> None:
+        from gatrep.models.encoders import ENCODERS
+
+        _choose("encoder", self.encoder, sorted(ENCODERS))
+        for name in ("hidden", "heads", "latent_dim"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
+        if any(h <= 0 for h in self.decoder_hidden):
+            raise ConfigError(f"decoder_hidden sizes must be positive, not {self.decoder_hidden}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), not {self.dropout}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig(ModelSettings):
+    """Everything that rebuilds a graph autoencoder: its settings and the input feature size."""
+
+    in_dim: int = dataclasses.field(metadata={"help": "input feature size (the embedding dimension)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.in_dim <= 0:
+            raise ConfigError(f"in_dim must be positive, not {self.in_dim}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig(ModelSettings):
+    """The training stage: `graph` + `embeddings` -> `model` (GAT-AE on Ray Train) and `latents`."""
+
+    run: str = dataclasses.field(metadata={"help": "run root URI; reads graph and embeddings, writes model, latents"})
     epochs: int = dataclasses.field(default=200, metadata={"help": "passes over the seed nodes (the paper: 200)"})
     lr: float = dataclasses.field(default=1e-3, metadata={"help": "Adam learning rate"})
     batch_size: int = dataclasses.field(default=512, metadata={"help": "seed nodes per mini-batch and worker"})
@@ -255,8 +272,7 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.encoder not in ENCODERS:
-            raise ConfigError(f"encoder must be one of {', '.join(ENCODERS)}, not {self.encoder!r}")
+        super().__post_init__()
         for name in ("epochs", "batch_size", "workers", "cpus_per_worker", "inference_batch_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
@@ -269,14 +285,11 @@ class TrainConfig:
 
     def model_config(self, in_dim: int) -> ModelConfig:
         """The ModelConfig these flags describe for features of size `in_dim`."""
-        return ModelConfig(in_dim=in_dim, encoder=self.encoder, hidden=self.hidden, heads=self.heads,
-                           latent_dim=self.latent_dim, decoder_hidden=self.decoder_hidden, dropout=self.dropout,
-                           standardise=self.standardise)
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelSettings)}
+        return ModelConfig(in_dim=in_dim, **settings)
 
 
-INDEX_SOURCES = ("latents", "embeddings")
-REPRESENTATIVE_METHODS = ("most_central", "centroid", "degree")
-CATEGORY_MODES = ("given", "threshold", "kmeans", "dbscan")
+INDEX_SOURCES = (schemas.LATENTS, schemas.EMBEDDINGS)  # the stages an index can be built from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,13 +298,15 @@ class IndexConfig:
 
     run: str = dataclasses.field(metadata={"help": "run root URI; reads <run>/<input-stage>, writes <run>/<stage>"})
     source: str = dataclasses.field(
-        default="latents", metadata={"help": "latents (GAT-AE) or embeddings (raw backbone features: baselines)"}
+        default=schemas.LATENTS,
+        metadata={"help": "latents (GAT-AE) or embeddings (raw backbone features: baselines)"},
     )
     input_stage: str = dataclasses.field(
         default="", metadata={"help": "directory of the source stage under --run; '' = the --source name"}
     )
     stage: str = dataclasses.field(
-        default="index", metadata={"help": "output directory under --run (e.g. index-clip-centroid for a baseline)"}
+        default=schemas.INDEX,
+        metadata={"help": "output directory under --run (e.g. index-clip-centroid for a baseline)"},
     )
     method: str = dataclasses.field(
         default="most_central", metadata={"help": "listing representative: most_central, centroid or degree"}
@@ -331,10 +346,11 @@ class IndexConfig:
     seed: int = dataclasses.field(default=0, metadata={"help": "seed of pynndescent and K-Means"})
 
     def __post_init__(self) -> None:
-        choices = (("source", INDEX_SOURCES), ("method", REPRESENTATIVE_METHODS), ("categories", CATEGORY_MODES))
-        for name, allowed in choices:
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        from gatrep import represent
+
+        _choose("source", self.source, INDEX_SOURCES)
+        _choose("method", self.method, sorted(represent.METHODS))
+        _choose("categories", self.categories, ("given", *sorted(represent.DISCOVERY)))
         if self.categories == "kmeans" and self.n_clusters < 1:
             raise ConfigError("--categories kmeans needs --n-clusters >= 1")
         for name in ("top_k", "top_m", "dbscan_min_samples", "similarity_neighbours", "ann_neighbours"):
@@ -346,9 +362,6 @@ class IndexConfig:
             raise ConfigError(f"stage must be a plain directory name, not {self.stage!r}")
 
 
-QUERY_LATENTS = ("category-aware", "context-aware", "context-free")
-
-
 @dataclasses.dataclass(frozen=True)
 class QueryConfig:
     """The query stage: query images (or an embeddings stage) -> categories and top-k matches (`results`)."""
@@ -357,8 +370,8 @@ class QueryConfig:
     input: str = dataclasses.field(
         metadata={"help": "query images (tree or manifest, any fsspec URI), or a published embeddings stage"}
     )
-    index: str = dataclasses.field(default="index", metadata={"help": "index stage directory under --run"})
-    stage: str = dataclasses.field(default="results", metadata={"help": "output stage directory under --run"})
+    index: str = dataclasses.field(default=schemas.INDEX, metadata={"help": "index stage directory under --run"})
+    stage: str = dataclasses.field(default=schemas.RESULTS, metadata={"help": "output stage directory under --run"})
     scoring: str = dataclasses.field(
         default="single",
         metadata={"help": "category score: single (one representative), max / mean over the top-m central "
@@ -380,10 +393,11 @@ class QueryConfig:
     device: str = dataclasses.field(default="auto", metadata={"help": "backbone device for image queries"})
 
     def __post_init__(self) -> None:
-        if self.scoring not in ("single", "max", "mean", "knn"):
-            raise ConfigError(f"scoring must be single, max, mean or knn, not {self.scoring!r}")
-        if self.query_latent not in QUERY_LATENTS:
-            raise ConfigError(f"query_latent must be one of {', '.join(QUERY_LATENTS)}, not {self.query_latent!r}")
+        from gatrep.categorize import SCORINGS
+        from gatrep.models.query_latents import LATENT_MODES
+
+        _choose("scoring", self.scoring, SCORINGS)
+        _choose("query_latent", self.query_latent, list(LATENT_MODES))
         for name in ("k", "batch_size", "actors"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
@@ -395,10 +409,10 @@ class EvaluateConfig:
 
     run: str = dataclasses.field(metadata={"help": "run root URI holding the results stages"})
     results: tuple[str, ...] = dataclasses.field(
-        default=("results",), metadata={"help": "results stage directories under --run, comma separated"}
+        default=(schemas.RESULTS,), metadata={"help": "results stage directories under --run, comma separated"}
     )
     k: int = dataclasses.field(default=10, metadata={"help": "retrieval cut-off for precision/recall/mAP@k"})
-    stage: str = dataclasses.field(default="evaluation", metadata={"help": "output stage directory under --run"})
+    stage: str = dataclasses.field(default=schemas.EVALUATION, metadata={"help": "output stage directory under --run"})
 
     def __post_init__(self) -> None:
         if self.k <= 0:
@@ -407,26 +421,25 @@ class EvaluateConfig:
             raise ConfigError("name at least one results stage")
 
 
-MAP_METHODS = ("tsne", "pca")
-
-
 @dataclasses.dataclass(frozen=True)
 class ReportConfig:
     """The report: a run's stages -> one self-contained static HTML page, every section sampled and bounded."""
 
     run: str = dataclasses.field(metadata={"help": "run root URI whose stages the report shows"})
-    index: str = dataclasses.field(default="index", metadata={"help": "index stage directory under --run"})
+    index: str = dataclasses.field(default=schemas.INDEX, metadata={"help": "index stage directory under --run"})
     results: str = dataclasses.field(
-        default="results",
+        default=schemas.RESULTS,
         metadata={"help": "results stage under --run whose queries are sampled; when the default is absent, the "
                           "evaluated results stage searched in --index"},
     )
-    evaluation: str = dataclasses.field(default="evaluation", metadata={"help": "evaluation stage under --run"})
+    evaluation: str = dataclasses.field(default=schemas.EVALUATION, metadata={"help": "evaluation stage under --run"})
     embeddings: str = dataclasses.field(
         default="", metadata={"help": "embeddings stage under --run; '' = the index's source, else embeddings"}
     )
-    latents: str = dataclasses.field(default="latents", metadata={"help": "latents stage under --run (the 2-D map)"})
-    model: str = dataclasses.field(default="model", metadata={"help": "model stage under --run (the loss curve)"})
+    latents: str = dataclasses.field(
+        default=schemas.LATENTS, metadata={"help": "latents stage under --run (the 2-D map)"}
+    )
+    model: str = dataclasses.field(default=schemas.MODEL, metadata={"help": "model stage under --run (the loss curve)"})
     out: str = dataclasses.field(default="", metadata={"help": "output HTML URI; '' = <run>/report/index.html"})
     categories: int = dataclasses.field(default=40, metadata={"help": "categories shown in full (the largest)"})
     listings_per_category: int = dataclasses.field(
@@ -461,8 +474,9 @@ class ReportConfig:
     seed: int = dataclasses.field(default=0, metadata={"help": "seed of every sample the report draws"})
 
     def __post_init__(self) -> None:
-        if self.map_method not in MAP_METHODS:
-            raise ConfigError(f"map_method must be one of {', '.join(MAP_METHODS)}, not {self.map_method!r}")
+        from gatrep.report.charts import MAP_METHODS
+
+        _choose("map_method", self.map_method, MAP_METHODS)
         for name in ("categories", "listings_per_category", "central", "queries", "matches", "map_points",
                      "similarity_listings", "pairs", "classes", "bad_examples", "table_rows", "thumb_px", "threads"):
             if getattr(self, name) < 0:
@@ -474,3 +488,29 @@ class ReportConfig:
         for name in ("index", "results", "evaluation", "latents", "model"):
             if not getattr(self, name) or "/" in getattr(self, name):
                 raise ConfigError(f"{name} must be a plain stage directory name, not {getattr(self, name)!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Every stage in order on one labelled input; without --input, scikit-learn's digits demo."""
+
+    input: str = dataclasses.field(
+        default="", metadata={"help": "labelled image tree or manifest to index; '' = scikit-learn's digits written "
+                                      "as an image tree under <run>/inputs (80%% indexed)"})
+    queries: str = dataclasses.field(
+        default="", metadata={"help": "labelled query images (never indexed); with the demo, the held-out 20%% of "
+                                      "the digits; '' otherwise = no query and evaluate stages"})
+    run: str = dataclasses.field(default="runs/demo", metadata={"help": "run root URI"})
+    backbone: str = dataclasses.field(default="mobilenet_v2", metadata={"help": "backbone name (jobs.embed --list)"})
+    weights: str = dataclasses.field(default="default", metadata={"help": "'default', 'random' or a weights file"})
+    device: str = dataclasses.field(default="auto", metadata={"help": "auto, cuda or cpu (see jobs.embed --help)"})
+    k: int = dataclasses.field(default=10, metadata={"help": "k-NN graph degree and matches per query"})
+    epochs: int = dataclasses.field(default=200, metadata={"help": "GAT-AE training epochs (the paper: 200)"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed of the autoencoder's weights and sampler"})
+    hog: bool = dataclasses.field(default=True, metadata={"help": "also index and query the HOG baseline"})
+
+    def __post_init__(self) -> None:
+        if self.queries and not self.input:
+            raise ConfigError("--queries needs --input (the demo brings its own queries)")
+        if self.k <= 0 or self.epochs <= 0:
+            raise ConfigError("k and epochs must be positive")

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from gatrep import io as gio
+from gatrep.errors import UserError
 
 DIGIT_CATEGORIES = tuple(f"digit-{i}" for i in range(10))
 FASHION_MNIST_CATEGORIES = (
@@ -37,7 +38,7 @@ JPEG_QUALITY = 90
 _CHUNK = 256  # images encoded in memory before one fs.pipe call (concurrent PUTs on object stores)
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset source that is missing or malformed, or a tree that cannot be written as asked."""
 
 

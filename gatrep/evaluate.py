@@ -11,9 +11,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from gatrep import schemas
+from gatrep.errors import UserError
 
 if TYPE_CHECKING:
-    from gatrep.query import Searcher
+    from gatrep.categorize import Searcher
+
+
+class NothingToJudge(UserError, ValueError):
+    """A results table without a single labelled query that could be judged."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +201,7 @@ def evaluate_results(name: str, results: pa.Table, searcher: Searcher, k: int) -
 
     judged = results.filter(pc.and_(pc.equal(results[schemas.STATUS], schemas.OK), pc.is_valid(results[schemas.LABEL])))
     if judged.num_rows == 0:
-        raise ValueError(f"{name}: no query has status ok and a label; evaluation needs labelled queries")
+        raise NothingToJudge(f"{name}: no query has status ok and a label; evaluation needs labelled queries")
     label_of_category = dict(zip(searcher.names, searcher.labels, strict=True))
     label_of_image = {i: lab for part in searcher.index.parts.values() for i, lab in zip(part.ids, part.labels,
                                                                                            strict=True)}

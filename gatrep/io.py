@@ -13,22 +13,24 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from gatrep import schemas
+from gatrep.errors import UserError
 
 MANIFEST = "_manifest.json"
 MANIFEST_SUFFIXES = (".parquet", ".csv")
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """An input location or manifest that cannot be turned into a list of images."""
 
 
-class StageError(RuntimeError):
+class StageError(UserError, RuntimeError):
     """A stage directory that is missing, incomplete, or of an unknown schema version."""
 
 
@@ -151,19 +153,79 @@ def read_manifest(stage_uri: str, expect_stage: str | None = None) -> dict[str, 
 
 
 def stage_file_uris(stage_uri: str, manifest: dict[str, Any]) -> list[str]:
-    """The data files a manifest publishes, as full URIs."""
+    """Every file a manifest publishes, as full URIs."""
     return [join(stage_uri, f) for f in manifest["files"]]
 
 
-def read_stage(stage_uri: str, stage: str, columns: list[str] | None = None) -> tuple[pa.Table, dict]:
-    """(table, manifest) of a published stage: only the files its manifest lists are read."""
+def table_uris(stage_uri: str, manifest: dict[str, Any], table: str | None = None) -> list[str]:
+    """The Parquet files of one table of a published stage: `table` of a multi-table stage (its manifest's
+    "tables" mapping), else every Parquet file the manifest lists. StageError when the table is not listed."""
+    if table is None or table == manifest["stage"]:
+        return [join(stage_uri, f) for f in manifest["files"] if f.endswith(".parquet")]
+    tables = manifest.get("tables", {})
+    if table not in tables:
+        raise StageError(f"{stage_uri}: the {manifest['stage']} manifest lists no {table!r} table; rebuild the stage")
+    return [join(stage_uri, tables[table])]
+
+
+def read_table(stage_uri: str, stage: str, table: str | None = None,
+               columns: list[str] | None = None) -> tuple[pa.Table, dict[str, Any]]:
+    """(table, manifest) of a published stage, checked against the data contract (schemas.STAGES).
+
+    Only the files its manifest lists are read. Refuses (StageError) a stage without a manifest, of
+    another stage, or whose files are missing or not Parquet, and (SchemaError) a table whose schema
+    differs from the contract. `columns` selects columns after the whole schema is checked.
+    """
     manifest = read_manifest(stage_uri, stage)
-    fs, _ = url_to_fs(stage_uri)
-    files = stage_file_uris(stage_uri, manifest)
+    files = table_uris(stage_uri, manifest, table)
     if not files:
         raise StageError(f"{stage_uri}: the manifest lists no data files")
-    tables = [pq.read_table(url_to_fs(f)[1], filesystem=fs, columns=columns) for f in files]
-    return pa.concat_tables(tables), manifest
+    parts = []
+    for file_uri in files:
+        fs, path = url_to_fs(file_uri)
+        try:
+            _check_schema(file_uri, stage, table)
+            parts.append(pq.read_table(path, filesystem=fs, columns=columns))
+        except (FileNotFoundError, pa.ArrowInvalid) as err:
+            raise StageError(f"{file_uri} is missing or not a readable Parquet file ({err}); "
+                             f"rebuild the {stage} stage") from err
+    return pa.concat_tables(parts), manifest
+
+
+def _check_schema(file_uri: str, stage: str, table: str | None) -> None:
+    """Refuse (SchemaError) a Parquet file whose schema is not the contract's for `table` of `stage`; reads only
+    the footer."""
+    fs, path = url_to_fs(file_uri)
+    schema = pq.read_schema(path, filesystem=fs)
+    schemas.validate(schema, schemas.STAGES[stage].expected(table or stage, schema), file_uri)
+
+
+def upstream_of(manifest: dict[str, Any], stage_uri: str) -> dict[str, Any]:
+    """What a downstream manifest records of a stage it read: where it is, its directory name under the run
+    root, when it was published and its files (run-directory names are unique per publish, so the files tell
+    two publishes apart even within one second)."""
+    return {"uri": stage_uri, "stage": posixpath.basename(stage_uri.rstrip("/")), "created": manifest["created"],
+            "rows": manifest.get("rows"), "files": manifest["files"]}
+
+
+def is_current(record: dict[str, Any], manifest: dict[str, Any]) -> bool:
+    """Whether an upstream record (from `upstream_of`) still describes the stage's published manifest."""
+    return record.get("files") == manifest["files"] and record.get("created") == manifest["created"]
+
+
+def up_to_date(stage_uri: str, stage: str, config: dict[str, Any],
+               upstream: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The published manifest of `stage_uri` when it was built with this config from exactly these upstream
+    stages (same published files), with "reused": True added; else None. Every stage asks this one question
+    the same way."""
+    try:
+        manifest = read_manifest(stage_uri, stage)
+    except StageError:
+        return None
+    wanted = json.loads(json.dumps({"config": config, "upstream": upstream}))  # tuples as lists, as in the file
+    if manifest.get("config") != wanted["config"] or manifest.get("upstream") != wanted["upstream"]:
+        return None
+    return {**manifest, "reused": True}
 
 
 def new_run_dir(stage_uri: str) -> str:
@@ -249,14 +311,93 @@ def _remove_unlisted(fs: fsspec.AbstractFileSystem, path: str, keep: list[str]) 
             fs.rm(entry, recursive=True)
 
 
-def upstream_summary(manifest: dict[str, Any], stage_uri: str) -> dict[str, Any]:
-    """What a downstream manifest records about a stage it read."""
-    return {"uri": stage_uri, "created": manifest["created"], "rows": manifest.get("rows")}
-
-
 @contextlib.contextmanager
 def timed(timings: dict[str, float], name: str) -> Iterator[None]:
     """Record the wall-clock seconds of a block under `name`, for a manifest's timings."""
     start = time.perf_counter()
     yield
     timings[name] = round(time.perf_counter() - start, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading published stages in bounded memory
+
+BATCH_ROWS = 65_536  # rows per streamed record batch: bounded memory whatever the stage's size
+
+
+def stage_exists(stage_uri: str) -> bool:
+    """Whether the stage has been published (its manifest exists)."""
+    fs, path = url_to_fs(stage_uri)
+    return bool(fs.exists(posixpath.join(path, MANIFEST)))
+
+
+def check_table_schemas(stage_uri: str, manifest: dict[str, Any], table: str | None = None) -> None:
+    """Check the schema of every Parquet file of one table of a published stage (see `table_uris`) against the data
+    contract (schemas.STAGES), reading only their footers. Refuses (SchemaError) a file whose schema differs."""
+    for uri in table_uris(stage_uri, manifest, table):
+        _check_schema(uri, manifest["stage"], table)
+
+
+@contextlib.contextmanager
+def _parquet(file_uri: str, columns: list[str]) -> Iterator[pq.ParquetFile]:
+    """One Parquet file, open; SchemaError when it lacks one of `columns` (pyarrow would silently read none)."""
+    fs, path = url_to_fs(file_uri)
+    with fs.open(path, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        missing = [c for c in columns if c not in parquet.schema_arrow.names]
+        if missing:
+            raise schemas.SchemaError(f"{file_uri}: no column(s) {', '.join(map(repr, missing))}; rebuild its stage")
+        yield parquet
+
+
+def scan(stage_uri: str, manifest: dict[str, Any], columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """Every row of a stage's Parquet files as record batches of `columns`, one batch in memory at a time.
+    Refuses (SchemaError) a file without one of `columns`."""
+    for uri in table_uris(stage_uri, manifest):
+        with _parquet(uri, columns) as parquet:
+            yield from parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns)
+
+
+def count_rows(stage_uri: str, manifest: dict[str, Any]) -> int:
+    """The stage's row count from the Parquet footers (no data read)."""
+    total = 0
+    for uri in table_uris(stage_uri, manifest):
+        with _parquet(uri, []) as parquet:
+            total += parquet.metadata.num_rows
+    return total
+
+
+def take_rows(stage_uri: str, manifest: dict[str, Any], rows: np.ndarray, columns: list[str]) -> pa.Table:
+    """The given global row numbers (sorted, in stage file order) of `columns`; only the row groups that hold
+    one of them are read. Refuses an empty `rows` (ValueError) and rows all past the stage's end (StageError)."""
+    rows = np.unique(np.asarray(rows, dtype=np.int64))
+    if rows.size == 0:
+        raise ValueError("take_rows needs at least one row")
+    parts, offset = [], 0
+    for uri in table_uris(stage_uri, manifest):
+        with _parquet(uri, columns) as parquet:
+            for group in range(parquet.num_row_groups):
+                size = parquet.metadata.row_group(group).num_rows
+                inside = rows[(rows >= offset) & (rows < offset + size)] - offset
+                if inside.size:
+                    parts.append(parquet.read_row_group(group, columns=columns).take(pa.array(inside)))
+                offset += size
+    if not parts:
+        raise StageError(f"{stage_uri}: rows {rows[:3].tolist()}... are past its {offset} rows")
+    return pa.concat_tables(parts)
+
+
+def sample_positions(total: int, n: int, seed: int) -> np.ndarray:
+    """min(n, total) distinct row numbers drawn uniformly with `seed`, sorted."""
+    if total <= n:
+        return np.arange(total, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False)).astype(np.int64)
+
+
+def read_text_file(stage_uri: str, manifest: dict[str, Any], basename: str) -> str | None:
+    """The text of the stage's published file named `basename`, or None when the manifest lists none."""
+    for uri in stage_file_uris(stage_uri, manifest):
+        if posixpath.basename(uri) == basename:
+            fs, path = url_to_fs(uri)
+            return bytes(fs.cat_file(path)).decode("utf-8", errors="replace")
+    return None

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-METHODS = ("most_central", "centroid", "degree")
-DISCOVERY = ("threshold", "kmeans", "dbscan")
+from gatrep.vectors import approximate_knn, block_rows, exact_knn, group_rows, normalise, row_chunks
 
-# A similarity block of this many float32 cells (64 MiB) bounds the memory of every chunked n*n computation.
-BLOCK_CELLS = 1 << 24
 # Rows per chunk of the O(n*d) passes: bounds the float64 copies made for exact sums.
 ROW_CHUNK = 65_536
 
@@ -73,13 +70,6 @@ def as_matrix(vectors: Any, what: str = "vectors") -> np.ndarray:
     return array
 
 
-def normalize(vectors: Any) -> np.ndarray:
-    """Rows scaled to unit L2 norm (float32); all-zero rows stay zero, so their cosine with anything is 0."""
-    array = np.asarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(array, axis=-1, keepdims=True)
-    return array / np.where(norms > 0, norms, 1.0).astype(np.float32)
-
-
 def zscores(values: np.ndarray) -> np.ndarray:
     """(values - mean) / std with the population std; all zeros when every value is equal (nothing stands out)."""
     values = np.asarray(values, dtype=np.float64)
@@ -110,16 +100,6 @@ def top_indices(scores: np.ndarray, k: int, tiebreak: np.ndarray | None = None) 
     return candidates[np.lexsort(keys)][:k]
 
 
-def _row_chunks(n: int, size: int) -> Iterator[slice]:
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
-
-
-def _block_rows(n: int) -> int:
-    """Rows of a [rows, n] similarity block that fit in BLOCK_CELLS."""
-    return max(1, BLOCK_CELLS // max(n, 1))
-
-
 def total_similarity(unit: np.ndarray) -> np.ndarray:
     """Σ_{j≠i} cos(z_i, z_j) for every row of the unit-norm matrix `unit`, in O(n*d) time and O(chunk*d) memory.
 
@@ -127,10 +107,10 @@ def total_similarity(unit: np.ndarray) -> np.ndarray:
     for an all-zero row). Sums are exact float64 so a listing of a million images keeps its ordering.
     """
     total = np.zeros(unit.shape[1], dtype=np.float64)
-    for rows in _row_chunks(unit.shape[0], ROW_CHUNK):
+    for rows in row_chunks(unit.shape[0], ROW_CHUNK):
         total += unit[rows].sum(axis=0, dtype=np.float64)
     centrality = np.empty(unit.shape[0], dtype=np.float64)
-    for rows in _row_chunks(unit.shape[0], ROW_CHUNK):
+    for rows in row_chunks(unit.shape[0], ROW_CHUNK):
         block = unit[rows].astype(np.float64)
         centrality[rows] = block @ total - np.einsum("ij,ij->i", block, block)
     return centrality
@@ -147,7 +127,7 @@ def most_central(vectors: Any, top_k: int = 5) -> Representative:
     their z-scores and the top-k most central images (Remark 1). Refuses empty or non-finite input.
     """
     array = as_matrix(vectors)
-    centrality = total_similarity(normalize(array))
+    centrality = total_similarity(normalise(array))
     top = top_indices(centrality, top_k)
     return Representative("most_central", array[top[0]].copy(), int(top[0]), centrality, zscores(centrality), top)
 
@@ -161,13 +141,13 @@ def centroid(vectors: Any, top_k: int = 5) -> Representative:
     """
     array = as_matrix(vectors)
     mean = np.zeros(array.shape[1], dtype=np.float64)
-    for rows in _row_chunks(array.shape[0], ROW_CHUNK):
+    for rows in row_chunks(array.shape[0], ROW_CHUNK):
         mean += array[rows].sum(axis=0, dtype=np.float64)
     mean /= array.shape[0]
-    direction = normalize(mean[None, :])[0].astype(np.float64)
+    direction = normalise(mean[None, :])[0].astype(np.float64)
     centrality = np.empty(array.shape[0], dtype=np.float64)
-    unit = normalize(array)
-    for rows in _row_chunks(array.shape[0], ROW_CHUNK):
+    unit = normalise(array)
+    for rows in row_chunks(array.shape[0], ROW_CHUNK):
         centrality[rows] = unit[rows].astype(np.float64) @ direction
     top = top_indices(centrality, top_k)
     return Representative("centroid", mean.astype(np.float32), int(top[0]), centrality, zscores(centrality), top)
@@ -188,7 +168,7 @@ def degree(vectors: Any, threshold: float, top_k: int = 5, exact_max: int = 20_0
     Ties in degree go to the higher total similarity. Returns the representative image's vector.
     """
     array = as_matrix(vectors)
-    unit = normalize(array)
+    unit = normalise(array)
     n = unit.shape[0]
     if neighbours is not None:
         if similarities is None or neighbours.shape != similarities.shape or neighbours.shape[0] != n:
@@ -204,15 +184,16 @@ def degree(vectors: Any, threshold: float, top_k: int = 5, exact_max: int = 20_0
     return Representative("degree", array[top[0]].copy(), int(top[0]), centrality, zscores(centrality), top)
 
 
+# The registry of representative methods (config.py validates --method against it).
+METHODS: dict[str, Callable[..., Representative]] = {"most_central": most_central, "centroid": centroid,
+                                                     "degree": degree}
+
+
 def represent(vectors: Any, method: str, top_k: int = 5, **degree_options: Any) -> Representative:
     """The representative of one group by `method` (see METHODS); refuses an unknown method by name."""
-    if method == "most_central":
-        return most_central(vectors, top_k)
-    if method == "centroid":
-        return centroid(vectors, top_k)
-    if method == "degree":
-        return degree(vectors, top_k=top_k, **degree_options)
-    raise ValueError(f"unknown representative method {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in METHODS:
+        raise ValueError(f"unknown representative method {method!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[method](vectors, top_k=top_k, **degree_options)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,7 +204,7 @@ def count_above(unit: np.ndarray, threshold: float) -> np.ndarray:
     """#{j ≠ i : cos(z_i, z_j) > threshold} for every row of `unit`, exactly, in blocks of rows."""
     n = unit.shape[0]
     counts = np.empty(n, dtype=np.int64)
-    for rows in _row_chunks(n, _block_rows(n)):
+    for rows in row_chunks(n, block_rows(n)):
         block = unit[rows] @ unit.T
         self_above = np.einsum("ij,ij->i", unit[rows], unit[rows]) > threshold
         counts[rows] = (block > threshold).sum(axis=1) - self_above
@@ -243,7 +224,7 @@ def pairs_above(unit: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndar
     """Every pair i < j with cos(z_i, z_j) >= threshold as (rows, cols, similarities), exactly, in blocks."""
     n = unit.shape[0]
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    for rows in _row_chunks(n, _block_rows(n)):
+    for rows in row_chunks(n, block_rows(n)):
         block = unit[rows] @ unit.T
         i, j = np.nonzero(block >= threshold)
         i_global = i + rows.start
@@ -260,72 +241,19 @@ def _concat_pairs(found: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
             np.concatenate([f[2] for f in found]))
 
 
-def exact_neighbours(unit: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's k most similar other rows, exactly, in blocks: ([n, k] ids, [n, k] cosines), -1 / NaN
-    padded when there are fewer than k others."""
-    n = unit.shape[0]
-    width = min(k, n - 1)
-    ids = np.full((n, k), -1, dtype=np.int64)
-    sims = np.full((n, k), np.nan, dtype=np.float32)
-    if width < 1:
-        return ids, sims
-    for rows in _row_chunks(n, _block_rows(n)):
-        block = unit[rows] @ unit.T
-        block[np.arange(block.shape[0]), np.arange(rows.start, rows.stop)] = -np.inf  # not one's own neighbour
-        part = np.argpartition(-block, width - 1, axis=1)[:, :width]
-        part_sims = np.take_along_axis(block, part, axis=1)
-        order = np.argsort(-part_sims, axis=1, kind="stable")
-        ids[rows, :width] = np.take_along_axis(part, order, axis=1)
-        sims[rows, :width] = np.take_along_axis(part_sims, order, axis=1)
-    return ids, sims
-
-
 def nearest_neighbours(unit: np.ndarray, k: int, exact_max: int = 20_000,
                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Each row's k nearest other rows by cosine: exact up to `exact_max` rows, pynndescent above.
 
-    Returns ([n, k] ids, [n, k] cosines), -1 / NaN padded. The pynndescent graph is approximate.
+    Returns ([n, k] ids, [n, k] cosines), PAD / NaN padded. The pynndescent graph is approximate.
     """
-    n = unit.shape[0]
-    if n <= exact_max or n <= k + 1:
-        return exact_neighbours(unit, k)
-    nndescent = import_pynndescent()
-    graph = nndescent.NNDescent(np.ascontiguousarray(unit, dtype=np.float32), metric="cosine",
-                                n_neighbors=k + 1, random_state=seed)
-    ids, distances = graph.neighbor_graph
-    sims = (1.0 - distances).astype(np.float32)
-    ids = ids.astype(np.int64)
-    # pynndescent lists each point as its own first neighbour; drop self (and padding), keep the first k.
-    keep = (ids != np.arange(n)[:, None]) & (ids >= 0)
-    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
-    kept = np.take_along_axis(keep, order, axis=1)
-    out_ids = np.where(kept, np.take_along_axis(ids, order, axis=1), -1)
-    out_sims = np.where(kept, np.take_along_axis(sims, order, axis=1), np.nan).astype(np.float32)
-    return out_ids, out_sims
-
-
-def import_pynndescent() -> Any:
-    """pynndescent, imported lazily (gatrep/__init__.py points numba's on-disk cache at ~/.cache/gatrep/numba)."""
-    import pynndescent
-
-    return pynndescent
+    if unit.shape[0] <= exact_max or unit.shape[0] <= k + 1:
+        return exact_knn(unit, k)
+    return approximate_knn(unit, k, seed=seed)
 
 
 # ----------------------------------------------------------------------------------------------
 # A whole table: one representative per group
-
-
-def group_rows(groups: Any) -> tuple[np.ndarray, list[np.ndarray]]:
-    """(sorted unique labels, the row positions of each label); refuses null labels."""
-    labels = np.asarray(groups)
-    if labels.ndim != 1:
-        raise ValueError(f"group labels must be one per row, got shape {labels.shape}")
-    if labels.dtype == object and any(label is None for label in labels):
-        raise ValueError("group labels contain nulls: every row needs a listing or category")
-    unique, inverse = np.unique(labels, return_inverse=True)
-    order = np.argsort(inverse, kind="stable")
-    bounds = np.searchsorted(inverse[order], np.arange(unique.size + 1))
-    return unique, [order[bounds[g]:bounds[g + 1]] for g in range(unique.size)]
 
 
 def represent_groups(vectors: Any, groups: Any, method: str, top_k: int = 5,
@@ -363,38 +291,29 @@ def represent_groups(vectors: Any, groups: Any, method: str, top_k: int = 5,
 def discover_categories(representatives: Any, method: str, threshold: float = 0.8, n_clusters: int = 0,
                         eps: float = 0.2, min_samples: int = 2, exact_max: int = 20_000, n_neighbors: int = 30,
                         seed: int = 0) -> np.ndarray:
-    """A category number (0, 1, ... in order of first listing) for every listing representative.
+    """A category number (0, 1, ... in order of first listing) for every listing representative (see DISCOVERY).
 
-    `threshold`: listings whose representatives have cosine >= threshold share a category, transitively
-    (connected components; exact pairs up to `exact_max` listings, a pynndescent k-NN graph above, which
-    can miss pairs beyond the k nearest). `kmeans`: K-Means with `n_clusters` on unit vectors (spherical
-    approximation of cosine). `dbscan`: DBSCAN with cosine distance `eps`; each noise listing becomes its
-    own category so every listing keeps one. Refuses an unknown method or n_clusters outside [1, n].
+    Refuses an unknown method, and for kmeans n_clusters outside [1, n].
     """
-    unit = normalize(as_matrix(representatives, "listing representatives"))
-    if method == "threshold":
-        labels = _threshold_components(unit, threshold, exact_max, n_neighbors, seed)
-    elif method == "kmeans":
-        labels = _kmeans(unit, n_clusters, seed)
-    elif method == "dbscan":
-        from sklearn.cluster import DBSCAN
-
-        labels = DBSCAN(eps=eps, min_samples=min_samples, metric="cosine").fit(unit).labels_
-        noise = labels < 0
-        labels[noise] = labels.max(initial=-1) + 1 + np.arange(int(noise.sum()))
-    else:
+    unit = normalise(as_matrix(representatives, "listing representatives"))
+    if method not in DISCOVERY:
         raise ValueError(f"unknown category discovery {method!r}; choose one of {', '.join(DISCOVERY)}")
-    return first_seen_order(labels)
+    options = {"threshold": threshold, "n_clusters": n_clusters, "eps": eps, "min_samples": min_samples,
+               "exact_max": exact_max, "n_neighbors": n_neighbors, "seed": seed}
+    return first_seen_order(DISCOVERY[method](unit, **options))
 
 
-def _threshold_components(unit: np.ndarray, threshold: float, exact_max: int, n_neighbors: int,
-                          seed: int) -> np.ndarray:
+def threshold_components(unit: np.ndarray, threshold: float, exact_max: int, n_neighbors: int, seed: int,
+                         **_: Any) -> np.ndarray:
+    """Listings whose representatives have cosine >= threshold share a category, transitively (connected
+    components; exact pairs up to `exact_max` listings, a pynndescent k-NN graph above, which can miss pairs
+    beyond the k nearest)."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
     n = unit.shape[0]
     if n <= exact_max:
-        rows, cols, _ = pairs_above(unit, threshold)
+        rows, cols = pairs_above(unit, threshold)[:2]
     else:
         ids, sims = nearest_neighbours(unit, n_neighbors, exact_max=0, seed=seed)
         keep = (ids >= 0) & (sims >= threshold)
@@ -403,12 +322,28 @@ def _threshold_components(unit: np.ndarray, threshold: float, exact_max: int, n_
     return connected_components(graph, directed=False)[1]
 
 
-def _kmeans(unit: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
+def kmeans(unit: np.ndarray, n_clusters: int, seed: int, **_: Any) -> np.ndarray:
+    """K-Means with `n_clusters` on unit vectors (a spherical approximation of cosine)."""
     from sklearn.cluster import KMeans
 
     if not 1 <= n_clusters <= unit.shape[0]:
         raise ValueError(f"kmeans needs 1 <= n_clusters <= {unit.shape[0]} listings, got {n_clusters}")
     return KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit(unit).labels_
+
+
+def dbscan(unit: np.ndarray, eps: float, min_samples: int, **_: Any) -> np.ndarray:
+    """DBSCAN with cosine distance `eps`; each noise listing becomes its own category so every listing keeps one."""
+    from sklearn.cluster import DBSCAN
+
+    labels = DBSCAN(eps=eps, min_samples=min_samples, metric="cosine").fit(unit).labels_
+    noise = labels < 0
+    labels[noise] = labels.max(initial=-1) + 1 + np.arange(int(noise.sum()))
+    return labels
+
+
+# The registry of category discovery methods (Case 1 of III-A2; config.py validates --categories against it).
+DISCOVERY: dict[str, Callable[..., np.ndarray]] = {"threshold": threshold_components, "kmeans": kmeans,
+                                                   "dbscan": dbscan}
 
 
 def first_seen_order(labels: np.ndarray) -> np.ndarray:
@@ -429,7 +364,7 @@ def similarity_matrix(representatives: Any, max_listings: int = 2000) -> np.ndar
 
     Refuses more than `max_listings` rows: use `listing_pairs`, which stays sparse.
     """
-    unit = normalize(as_matrix(representatives, "listing representatives"))
+    unit = normalise(as_matrix(representatives, "listing representatives"))
     if unit.shape[0] > max_listings:
         raise ValueError(f"{unit.shape[0]} listings > max_listings={max_listings}: use listing_pairs instead")
     return unit @ unit.T
@@ -442,7 +377,7 @@ def listing_pairs(representatives: Any, max_dense: int = 2000, neighbours: int =
     Every pair when there are at most `max_dense` listings; above that, each listing with its `neighbours`
     most similar listings (exact up to `exact_max`, pynndescent above), each pair once.
     """
-    unit = normalize(as_matrix(representatives, "listing representatives"))
+    unit = normalise(as_matrix(representatives, "listing representatives"))
     n = unit.shape[0]
     if n <= max_dense:
         a, b = np.triu_indices(n, k=1)

@@ -19,7 +19,7 @@ from torch_geometric.data import Data
 from torch_geometric.loader import NeighborLoader, NodeLoader
 from torch_geometric.sampler import BaseSampler, EdgeSamplerInput, NodeSamplerInput, SamplerOutput
 
-PAD = -1
+from gatrep.vectors import PAD
 
 
 def edge_index_of(neighbours: Tensor) -> Tensor:

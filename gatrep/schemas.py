@@ -1,12 +1,20 @@
-"""The pyarrow schema of every gatrep table, the column names, the status taxonomy, and validate()."""
+"""The data contract: every stage's name, tables and files, each table's pyarrow schema, the column names
+and the status taxonomy; `validate` checks a table against it."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import pyarrow as pa
+
+from gatrep.errors import UserError
 
 SCHEMA_VERSION = 1
 
-# Column names shared by several tables.
+# ----------------------------------------------------------------------------------------------
+# Column names
+
 IMAGE_ID = "image_id"
 URI = "uri"
 LISTING = "listing"
@@ -20,8 +28,32 @@ NODE = "node"
 NEIGHBOURS = "neighbours"
 SIMILARITIES = "similarities"
 LATENT = "latent"
+QUERY_ID = "query_id"
+LABEL = "label"  # an input category carried along for evaluation (null when unlabelled)
+CATEGORY_SCORES = "category_scores"
+MATCHES = "matches"
+SCORE = "score"
+REPRESENTATIVE = "representative"
+REPRESENTATIVE_IMAGE_ID = "representative_image_id"
+REPRESENTATIVE_LISTING = "representative_listing"
+ZSCORE = "zscore"
+SIZE = "size"
+CENTRAL_IMAGE_IDS = "central_image_ids"
+CENTRAL_ZSCORES = "central_zscores"
+CENTRAL_VECTORS = "central_vectors"
+LISTINGS = "listings"
+VECTOR = "vector"
+LISTING_A = "listing_a"
+LISTING_B = "listing_b"
+CATEGORY_A = "category_a"
+CATEGORY_B = "category_b"
+SIMILARITY = "similarity"
+ANN_FILE = "ann_file"
+ANN_SHA256 = "ann_sha256"
 
+# ----------------------------------------------------------------------------------------------
 # Row statuses. Every input file gets exactly one row with one of these.
+
 OK = "ok"
 UNREADABLE = "unreadable"  # the URI could not be opened or read (missing, permission, network)
 EMPTY = "empty"  # zero bytes
@@ -31,6 +63,9 @@ TRUNCATED = "truncated"  # a recognised image whose data ends early or is corrup
 TOO_LARGE = "too_large"  # over the configured pixel or byte limit (decompression bombs)
 DECODE_ERROR = "decode_error"  # anything else the decoder raised
 STATUSES = (OK, UNREADABLE, EMPTY, NOT_AN_IMAGE, UNSUPPORTED_FORMAT, TRUNCATED, TOO_LARGE, DECODE_ERROR)
+
+# ----------------------------------------------------------------------------------------------
+# Table schemas
 
 INPUTS = pa.schema([(URI, pa.string()), (LISTING, pa.string()), (CATEGORY, pa.string())])
 
@@ -57,7 +92,7 @@ def embeddings(dim: int, dtype: str = "float32") -> pa.Schema:
 
 
 def graph(k: int) -> pa.Schema:
-    """One row per node; neighbours are node ids padded with -1, similarities are cosine."""
+    """One row per node; neighbours are node ids padded with -1 (vectors.PAD), similarities cosine (NaN there)."""
     return pa.schema([
         (NODE, pa.int64()),
         (IMAGE_ID, pa.string()),
@@ -77,12 +112,6 @@ def latents(dim: int = 256) -> pa.Schema:
     ])
 
 
-QUERY_ID = "query_id"
-LABEL = "label"
-CATEGORY_SCORES = "category_scores"
-MATCHES = "matches"
-
-
 def results() -> pa.Schema:
     """One row per query: the chosen category, every category's score, the top-k matches inside it.
 
@@ -96,12 +125,82 @@ def results() -> pa.Schema:
         (STATUS, pa.string()),
         (ERROR, pa.string()),
         (CATEGORY, pa.string()),
-        (CATEGORY_SCORES, pa.list_(pa.struct([("category", pa.string()), ("score", pa.float32())]))),
-        (MATCHES, pa.list_(pa.struct([(IMAGE_ID, pa.string()), ("score", pa.float32())]))),
+        (CATEGORY_SCORES, pa.list_(pa.struct([(CATEGORY, pa.string()), (SCORE, pa.float32())]))),
+        (MATCHES, pa.list_(pa.struct([(IMAGE_ID, pa.string()), (SCORE, pa.float32())]))),
     ])
 
 
-class SchemaError(ValueError):
+def listings(dim: int) -> pa.Schema:
+    """Index: one row per listing, its category, representative model and most central images (Remark 1)."""
+    return pa.schema([
+        (LISTING, pa.string()),
+        (CATEGORY, pa.string()),
+        (REPRESENTATIVE, vector_type(dim)),
+        (REPRESENTATIVE_IMAGE_ID, pa.string()),  # the representative image (closest to the centroid for centroid)
+        (ZSCORE, pa.float32()),  # z-score of the representative image's centrality within the listing
+        (SIZE, pa.int64()),
+        (CENTRAL_IMAGE_IDS, pa.list_(pa.string())),  # top-k most central, most central first
+        (CENTRAL_ZSCORES, pa.list_(pa.float32())),
+    ])
+
+
+def categories(dim: int) -> pa.Schema:
+    """Index: one row per category, its representative, the listing it came from, the top-m most central images."""
+    return pa.schema([
+        (CATEGORY, pa.string()),
+        (REPRESENTATIVE, vector_type(dim)),
+        (REPRESENTATIVE_LISTING, pa.string()),
+        (REPRESENTATIVE_IMAGE_ID, pa.string()),
+        (LABEL, pa.string()),  # the input category most of its images carry (null if none): for evaluation
+        (LISTINGS, pa.int64()),
+        (SIZE, pa.int64()),
+        (CENTRAL_IMAGE_IDS, pa.list_(pa.string())),
+        (CENTRAL_VECTORS, pa.list_(vector_type(dim))),  # top-m most central images' vectors (multi-representative)
+    ])
+
+
+def listing_similarity() -> pa.Schema:
+    """Index: listing pairs with the cosine of their representatives (all pairs, or each listing's top ones)."""
+    return pa.schema([(LISTING_A, pa.string()), (LISTING_B, pa.string()), (SIMILARITY, pa.float32())])
+
+
+def merge_suggestions() -> pa.Schema:
+    """Index: listing pairs similar enough to be one category (Experiment IV-A2), most similar first."""
+    return pa.schema([
+        (LISTING_A, pa.string()),
+        (LISTING_B, pa.string()),
+        (SIMILARITY, pa.float32()),
+        (CATEGORY_A, pa.string()),
+        (CATEGORY_B, pa.string()),
+    ])
+
+
+def ann_vectors(dim: int) -> pa.Schema:
+    """Index: every indexed image, grouped by category, in the row order the category's ANN index uses."""
+    return pa.schema([
+        (CATEGORY, pa.string()),
+        (IMAGE_ID, pa.string()),
+        (LISTING, pa.string()),
+        (LABEL, pa.string()),  # the input's category of the image (null if unlabelled): relevance in evaluation
+        (VECTOR, vector_type(dim)),
+    ])
+
+
+def ann_catalog() -> pa.Schema:
+    """Index: one row per category of the retrieval index, its size and pynndescent pickle (null: exact search)."""
+    return pa.schema([
+        (CATEGORY, pa.string()),
+        (SIZE, pa.int64()),
+        (ANN_FILE, pa.string()),
+        (ANN_SHA256, pa.string()),
+    ])
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+
+class SchemaError(UserError, ValueError):
     """A table whose columns or types differ from the data contract."""
 
 
@@ -115,6 +214,13 @@ def vector_dim(schema: pa.Schema, column: str) -> int:
     return int(field_type.list_size)
 
 
+def vector_dtype(schema: pa.Schema, column: str) -> str:
+    """'float16' or 'float32': the value type of a vector column (anything else reads as float32 and fails
+    validation)."""
+    vector_dim(schema, column)
+    return "float16" if schema.field(column).type.value_type == pa.float16() else "float32"
+
+
 def validate(actual: pa.Schema, expected: pa.Schema, where: str) -> None:
     """Raise SchemaError naming every missing or mistyped column of `actual` against `expected`."""
     problems = []
@@ -125,3 +231,58 @@ def validate(actual: pa.Schema, expected: pa.Schema, where: str) -> None:
             problems.append(f"column {field.name!r} is {actual.field(field.name).type}, expected {field.type}")
     if problems:
         raise SchemaError(f"{where}: " + "; ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage registry: what each stage holds. A stage directory's `_manifest.json` lists its files;
+# multi-table stages map table names to files under "tables".
+
+EMBEDDINGS = "embeddings"
+GRAPH = "graph"
+MODEL = "model"
+LATENTS = "latents"
+INDEX = "index"
+RESULTS = "results"
+EVALUATION = "evaluation"
+
+# Files of the model and evaluation stages (not tables).
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+EVALUATION_FILE = "evaluation.json"
+TABLE_FILE = "table.txt"
+
+# Given a table's actual schema, the schema it must have (vector widths come from the table itself).
+Expected = Callable[[pa.Schema], pa.Schema]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage of the data contract: its name (also its default directory under a run root), its
+    Parquet tables with their expected schemas, and the other files it holds."""
+
+    name: str
+    tables: dict[str, Expected]
+    files: tuple[str, ...] = ()
+
+    def expected(self, table: str, actual: pa.Schema) -> pa.Schema:
+        """The schema `table` of this stage must have, given its actual schema."""
+        return self.tables[table](actual)
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage(EMBEDDINGS, {EMBEDDINGS: lambda s: embeddings(vector_dim(s, EMBEDDING), vector_dtype(s, EMBEDDING))}),
+    Stage(GRAPH, {GRAPH: lambda s: graph(vector_dim(s, NEIGHBOURS))}),
+    Stage(MODEL, {}, (WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE)),
+    Stage(LATENTS, {LATENTS: lambda s: latents(vector_dim(s, LATENT))}),
+    Stage(INDEX, {
+        "listings": lambda s: listings(vector_dim(s, REPRESENTATIVE)),
+        "categories": lambda s: categories(vector_dim(s, REPRESENTATIVE)),
+        "listing_similarity": lambda s: listing_similarity(),
+        "merge_suggestions": lambda s: merge_suggestions(),
+        "ann_vectors": lambda s: ann_vectors(vector_dim(s, VECTOR)),
+        "ann_catalog": lambda s: ann_catalog(),
+    }, ("ann-*.pkl",)),
+    Stage(RESULTS, {RESULTS: lambda s: results()}),
+    Stage(EVALUATION, {}, (EVALUATION_FILE, TABLE_FILE)),
+)}

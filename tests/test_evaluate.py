@@ -66,7 +66,7 @@ def test_side_by_side_table():
 
 
 def test_evaluate_searcher_on_a_tiny_index():
-    from gatrep.query import CategoryIndex, Searcher
+    from gatrep.categorize import CategoryIndex, Searcher
 
     vectors = np.array([[1, 0], [0.9, 0.2], [0, 1], [0.2, 0.9]], dtype=np.float32)
     labels = ["cat", "cat", "dog", "dog"]

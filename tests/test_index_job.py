@@ -1,16 +1,13 @@
-"""`python -m jobs.index` end to end on tiny published latents / embeddings stages."""
+"""The index stage (`python -m jobs.index`) end to end on tiny published latents / embeddings stages."""
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from gatrep import index_schemas as ix
-from gatrep import io, schemas
-from gatrep.query import index_table_uri, load_searcher
-from jobs import index as index_job
+from gatrep import cli, io, schemas
+from gatrep.stages.index import load_searcher
 
 DIM = 8
 CATEGORIES = ("pants", "shirt", "shoes")
@@ -55,8 +52,7 @@ def run(tmp_path) -> str:
 
 
 def read(run: str, table: str, stage: str = "index") -> pa.Table:
-    stage_uri = io.join(run, stage)
-    return pq.read_table(index_table_uri(stage_uri, io.read_manifest(stage_uri, "index"), table))
+    return io.read_table(io.join(run, stage), "index", table)[0]
 
 
 def brute_most_central(vectors: np.ndarray) -> int:
@@ -66,7 +62,7 @@ def brute_most_central(vectors: np.ndarray) -> int:
 
 
 def test_given_categories_end_to_end(run, capsys):
-    assert index_job.main(["--run", run, "--top-k", "3"]) == 0
+    assert cli.run_job("index", ["--run", run, "--top-k", "3"]) == 0
     assert "30 images (0 skipped), 6 listings, 3 categories" in capsys.readouterr().out
     rows = tiny_images()
     listings = read(run, "listings").to_pylist()
@@ -78,7 +74,7 @@ def test_given_categories_end_to_end(run, capsys):
         assert r["central_image_ids"][0] == r["representative_image_id"] and len(r["central_image_ids"]) == 3
         assert r["category"] == r["listing"].split("/")[0]
     categories = read(run, "categories")
-    assert categories.schema.equals(ix.categories(DIM))
+    assert categories.schema.equals(schemas.categories(DIM))
     assert categories["category"].to_pylist() == list(CATEGORIES) == categories["label"].to_pylist()
     assert categories["size"].to_pylist() == [10, 10, 10] and categories["listings"].to_pylist() == [2, 2, 2]
     # the two listings of a category are near each other, listings of different categories are not
@@ -88,7 +84,7 @@ def test_given_categories_end_to_end(run, capsys):
 
 
 def test_query_identical_to_an_indexed_image_retrieves_it_first(run):
-    assert index_job.main(["--run", run, "--method", "centroid"]) == 0
+    assert cli.run_job("index", ["--run", run, "--method", "centroid"]) == 0
     searcher = load_searcher(io.join(run, "index"))
     rows = tiny_images()
     picks = [0, 13, 27]
@@ -106,7 +102,7 @@ def test_query_identical_to_an_indexed_image_retrieves_it_first(run):
     ["--categories", "threshold", "--category-threshold", "0.7", "--method", "degree", "--degree-threshold", "0.5"],
 ])
 def test_discovered_categories_follow_the_true_ones(run, flags):
-    assert index_job.main(["--run", run, *flags]) == 0
+    assert cli.run_job("index", ["--run", run, *flags]) == 0
     listings = read(run, "listings").to_pylist()
     truth = {r["listing"]: r["listing"].split("/")[0] for r in listings}
     found = {r["listing"]: r["category"] for r in listings}
@@ -120,12 +116,17 @@ def test_discovered_categories_follow_the_true_ones(run, flags):
                                            if r["listing"] == c["representative_listing"])
 
 
-def test_rerun_with_the_same_config_keeps_the_published_index(run):
-    assert index_job.main(["--run", run]) == 0
+def test_rerun_with_the_same_config_keeps_the_published_index(run, capsys):
+    assert cli.run_job("index", ["--run", run]) == 0
     first = io.read_manifest(io.join(run, "index"), "index")
-    assert index_job.main(["--run", run]) == 0
+    assert cli.run_job("index", ["--run", run]) == 0
+    assert "[already published: reused]" in capsys.readouterr().out
     assert io.read_manifest(io.join(run, "index"), "index")["tables"] == first["tables"]
-    assert index_job.main(["--run", run, "--top-k", "2"]) == 0
+    publish_latents(run, tiny_images())  # the same latents published again: a new source, so a new index
+    assert cli.run_job("index", ["--run", run]) == 0
+    assert io.read_manifest(io.join(run, "index"), "index")["tables"] != first["tables"]
+    first = io.read_manifest(io.join(run, "index"), "index")
+    assert cli.run_job("index", ["--run", run, "--top-k", "2"]) == 0
     assert io.read_manifest(io.join(run, "index"), "index")["tables"] != first["tables"]
 
 
@@ -147,7 +148,7 @@ def test_embeddings_baseline_skips_bad_rows(tmp_path, capsys):
     stage = io.join(run, "embeddings-hog")
     io.publish(stage, "embeddings", [io.write_table(table, io.new_run_dir(stage))], config={})
     flags = ["--run", run, "--source", "embeddings", "--input-stage", "embeddings-hog", "--stage", "index-hog"]
-    assert index_job.main(flags) == 0
+    assert cli.run_job("index", flags) == 0
     assert "29 images (1 skipped)" in capsys.readouterr().out
     assert read(run, "categories", "index-hog")["size"].to_pylist() == [9, 10, 10]
 
@@ -157,12 +158,17 @@ def test_listing_without_a_category_is_refused_with_advice(tmp_path, capsys):
     rows = tiny_images()
     rows["category"][3] = None
     publish_latents(run, rows)
-    assert index_job.main(["--run", run]) == 2
+    assert cli.run_job("index", ["--run", run]) == 2
     err = capsys.readouterr().err
     assert "listing 'pants/l0' has no category" in err and "--categories threshold" in err
-    assert index_job.main(["--run", run, "--categories", "kmeans", "--n-clusters", "3"]) == 0
+    assert cli.run_job("index", ["--run", run, "--categories", "kmeans", "--n-clusters", "3"]) == 0
+
+
+def test_more_clusters_than_listings_is_a_user_error(run, capsys):
+    assert cli.run_job("index", ["--run", run, "--categories", "kmeans", "--n-clusters", "7"]) == 2
+    assert "--n-clusters 7 is more than the 6 listings" in capsys.readouterr().err
 
 
 def test_missing_source_stage_is_a_clear_error(tmp_path, capsys):
-    assert index_job.main(["--run", str(tmp_path)]) == 2
+    assert cli.run_job("index", ["--run", str(tmp_path)]) == 2
     assert "latents" in capsys.readouterr().err

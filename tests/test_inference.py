@@ -8,8 +8,8 @@ import torch
 
 from gatrep import sampling
 from gatrep.config import ModelConfig
-from gatrep.inference import QueryEncoder
 from gatrep.models import build_model
+from gatrep.models.query_latents import QueryEncoder
 
 
 @pytest.fixture(params=["gat", "sage"])
@@ -42,12 +42,18 @@ def test_context_aware_equals_the_whole_graph_with_the_queries_appended(setup):
     assert np.allclose(got, full[30:].numpy(), atol=1e-5)
 
 
-def test_context_free_equals_self_loops_only(setup):
+def test_context_free_is_the_latent_of_a_node_that_only_sees_itself(setup):
+    """Built independently of context_free's own graph: the queries are appended to the indexed graph as nodes
+    whose one neighbour is themselves, and the whole graph is encoded."""
     model, features, neighbours, _ = setup
-    x = features[:4]
+    x = features[:4] + 0.1
+    own = np.full((4, neighbours.shape[1]), -1)
+    own[:, 0] = np.arange(30, 34)
     with torch.no_grad():
-        expected = model.encode(torch.tensor(x), torch.stack([torch.arange(4), torch.arange(4)])).numpy()
-    assert np.allclose(QueryEncoder(model, features, neighbours).context_free(x), expected, atol=1e-6)
+        full = model.encode(torch.tensor(np.concatenate([features, x])),
+                            sampling.edge_index_of(torch.tensor(np.concatenate([neighbours, own]))))
+    got = QueryEncoder(model, features, neighbours).context_free(x)
+    assert np.allclose(got, full[30:].numpy(), atol=1e-5)
 
 
 def test_insertion_neighbours_pick_the_most_similar_candidates(setup):

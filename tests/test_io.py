@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -77,22 +78,59 @@ def test_missing_empty_and_unknown_inputs(tmp_path):
         io.discover_inputs(str(tmp_path / "list.txt"))
 
 
+def _graph(nodes: list[int]) -> pa.Table:
+    """A graph table (k=1) whose nodes each list node 0."""
+    return pa.table({schemas.NODE: nodes, schemas.IMAGE_ID: [f"id-{n}" for n in nodes],
+                     schemas.NEIGHBOURS: [[0]] * len(nodes), schemas.SIMILARITIES: [[1.0]] * len(nodes)},
+                    schema=schemas.graph(1))
+
+
 def test_stage_is_invisible_until_published_and_old_runs_are_removed(tmp_path):
     stage = str(tmp_path / "graph")
-    first = io.write_table(pa.table({"a": [1, 2]}), io.new_run_dir(stage))
+    first = io.write_table(_graph([1, 2]), io.new_run_dir(stage))
     with pytest.raises(io.StageError, match="has no _manifest.json"):
-        io.read_stage(stage, "graph")
+        io.read_table(stage, "graph")
     io.publish(stage, "graph", [first], {"k": 1}, rows=2)
-    assert io.read_stage(stage, "graph")[0]["a"].to_pylist() == [1, 2]
-    second = io.write_table(pa.table({"a": [3]}), io.new_run_dir(stage))
-    orphan = io.write_table(pa.table({"a": [9]}), io.new_run_dir(stage))  # a crashed run's files
+    assert io.read_table(stage, "graph")[0][schemas.NODE].to_pylist() == [1, 2]
+    second = io.write_table(_graph([3]), io.new_run_dir(stage))
+    orphan = io.write_table(_graph([9]), io.new_run_dir(stage))  # a crashed run's files
     io.publish(stage, "graph", [second], {"k": 1}, rows=1)
-    table, manifest = io.read_stage(stage, "graph")
-    assert table["a"].to_pylist() == [3]
+    table, manifest = io.read_table(stage, "graph")
+    assert table[schemas.NODE].to_pylist() == [3]
     assert manifest["config"] == {"k": 1} and manifest["rows"] == 1
     assert sorted(p.name for p in (tmp_path / "graph").iterdir() if p.name.startswith("run-")) == [
         second.split("/")[-2]]
     assert orphan not in io.list_parquet(stage)
+
+
+def test_readers_check_every_table_against_the_data_contract(tmp_path):
+    stage = str(tmp_path / "graph")
+    wrong = pa.table({schemas.NODE: [1], schemas.IMAGE_ID: ["a"]})
+    io.publish(stage, "graph", [io.write_table(wrong, io.new_run_dir(stage))], {})
+    with pytest.raises(schemas.SchemaError, match="no column 'neighbours'"):
+        io.read_table(stage, "graph")
+    with pytest.raises(io.StageError, match="holds the 'graph' stage, not 'embeddings'"):
+        io.read_table(stage, "embeddings")
+    broken = io.write_table(_graph([1]), io.new_run_dir(stage))
+    Path(io.url_to_fs(broken)[1]).write_bytes(b"PAR1 not really")
+    io.publish(stage, "graph", [broken], {})
+    with pytest.raises(io.StageError, match="not a readable Parquet file"):
+        io.read_table(stage, "graph")
+
+
+def test_up_to_date_compares_config_and_the_upstream_files(tmp_path):
+    upstream_uri, stage = str(tmp_path / "embeddings"), str(tmp_path / "graph")
+    io.publish(upstream_uri, "embeddings", [], {})
+    record = {"embeddings": io.upstream_of(io.read_manifest(upstream_uri), upstream_uri)}
+    assert io.up_to_date(stage, "graph", {"k": 1}, record) is None  # never published
+    io.publish(stage, "graph", [io.write_table(_graph([0]), io.new_run_dir(stage))], {"k": (1, 2)}, record)
+    assert io.up_to_date(stage, "graph", {"k": (1, 2)}, record)["reused"] is True
+    assert io.up_to_date(stage, "graph", {"k": (1, 3)}, record) is None
+    io.publish(upstream_uri, "embeddings", [io.write_table(_graph([0]), io.new_run_dir(upstream_uri))], {})
+    again = io.read_manifest(upstream_uri)
+    assert not io.is_current(record["embeddings"], again)
+    assert io.up_to_date(stage, "graph", {"k": (1, 2)},
+                         {"embeddings": io.upstream_of(again, upstream_uri)}) is None
 
 
 def test_manifest_checks(tmp_path):

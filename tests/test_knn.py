@@ -1,4 +1,5 @@
-"""k-NN building blocks on hand-made vectors and neighbour tables: exact search, self removal, mutual k-NN, recall."""
+"""k-NN building blocks (gatrep.vectors, gatrep.knn) on hand-made vectors and neighbour tables: exact search,
+self removal, mutual k-NN, recall."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 from gatrep import knn
-from gatrep.knn import PAD
+from gatrep.vectors import PAD, approximate_knn, drop_self, exact_knn, exact_topk, normalise
 
 
 def _unit(degrees: list[float]) -> np.ndarray:
@@ -16,20 +17,34 @@ def _unit(degrees: list[float]) -> np.ndarray:
 
 def test_exact_knn_orders_by_cosine_and_never_returns_the_node_itself() -> None:
     vectors = _unit([0, 10, 30, 90])
-    neighbours, sims = knn.exact_knn(vectors, k=2)
+    neighbours, sims = exact_knn(vectors, k=2)
     assert neighbours.tolist() == [[1, 2], [0, 2], [1, 0], [2, 1]]
     assert sims[0] == pytest.approx([np.cos(np.deg2rad(10)), np.cos(np.deg2rad(30))], abs=1e-6)
 
 
 def test_exact_knn_pads_when_fewer_than_k_other_rows() -> None:
-    neighbours, sims = knn.exact_knn(_unit([0, 45]), k=3)
+    neighbours, sims = exact_knn(_unit([0, 45]), k=3)
     assert neighbours.tolist() == [[1, PAD, PAD], [0, PAD, PAD]]
-    assert sims[:, 1:].tolist() == [[0.0, 0.0], [0.0, 0.0]]
+    assert np.isnan(sims[:, 1:]).all(), "a missing neighbour has no similarity"
+
+
+def test_exact_topk_excludes_the_given_row_and_blocks_give_the_same_answer(monkeypatch) -> None:
+    from gatrep import vectors
+
+    data = normalise(np.random.default_rng(0).standard_normal((40, 5)))
+    rows, scores = exact_topk(data[:7], data, 4, exclude=np.arange(7))
+    brute = data[:7] @ data.T
+    brute[np.arange(7), np.arange(7)] = -np.inf
+    assert rows.tolist() == np.argsort(-brute, axis=1)[:, :4].tolist()
+    np.testing.assert_allclose(scores, -np.sort(-brute, axis=1)[:, :4], rtol=1e-6)
+    monkeypatch.setattr(vectors, "BLOCK_CELLS", 40)  # one query row per block
+    again = exact_topk(data[:7], data, 4, exclude=np.arange(7))
+    assert again[0].tolist() == rows.tolist()
 
 
 def test_drop_self_removes_own_id_wherever_it_appears() -> None:
     candidates = np.array([[0, 2, 1], [2, 1, 0], [1, 0, 2]])
-    assert knn.drop_self(candidates, 2).tolist() == [[2, 1], [2, 0], [1, 0]]
+    assert drop_self(candidates, 2).tolist() == [[2, 1], [2, 0], [1, 0]]
 
 
 def test_mutual_knn_keeps_only_pairs_that_list_each_other() -> None:
@@ -38,7 +53,7 @@ def test_mutual_knn_keeps_only_pairs_that_list_each_other() -> None:
     sims = np.array([[0.9, 0.8], [0.9, 0.7], [0.8, 0.6], [0.7, 0.5]], dtype=np.float32)
     kept, kept_sims = knn.mutual_knn(neighbours, sims)
     assert kept.tolist() == [[1, 2], [0, 3], [0, PAD], [1, PAD]]
-    np.testing.assert_allclose(kept_sims, [[0.9, 0.8], [0.9, 0.7], [0.8, 0.0], [0.7, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(kept_sims, [[0.9, 0.8], [0.9, 0.7], [0.8, np.nan], [0.7, np.nan]], rtol=1e-6)
     edges = {(i, int(j)) for i, row in enumerate(kept) for j in row if j != PAD}
     assert all((j, i) in edges for i, j in edges), "mutual k-NN must be symmetric"
 
@@ -46,10 +61,10 @@ def test_mutual_knn_keeps_only_pairs_that_list_each_other() -> None:
 def test_mutual_knn_moves_kept_neighbours_to_the_front() -> None:
     # 0 lists 2 first, but 2 does not list 0: 0 keeps only 1, which moves to the front.
     neighbours = np.array([[2, 1], [0, 2], [1, PAD]])
-    sims = np.array([[0.9, 0.8], [0.8, 0.7], [0.7, 0.0]], dtype=np.float32)
+    sims = np.array([[0.9, 0.8], [0.8, 0.7], [0.7, np.nan]], dtype=np.float32)
     kept, kept_sims = knn.mutual_knn(neighbours, sims)
     assert kept.tolist() == [[1, PAD], [0, 2], [1, PAD]]
-    assert kept_sims[0].tolist() == pytest.approx([0.8, 0.0])
+    assert kept_sims[0, 0] == pytest.approx(0.8) and np.isnan(kept_sims[0, 1])
 
 
 def test_grouped_knn_stays_inside_groups_and_uses_global_ids() -> None:
@@ -66,7 +81,7 @@ def test_grouped_knn_stays_inside_groups_and_uses_global_ids() -> None:
 def test_recall_is_one_for_exact_neighbours_and_drops_for_a_wrong_one() -> None:
     vectors = _unit(list(np.linspace(0, 180, 20)))
     groups = np.zeros(20, dtype=object)
-    neighbours, _ = knn.exact_knn(vectors, k=3)
+    neighbours, _ = exact_knn(vectors, k=3)
     assert knn.recall_at_k(vectors, neighbours, groups, sample=20) == 1.0
     broken = neighbours.copy()
     broken[:, 2] = (np.arange(20) + 10) % 20  # far away: 90 degrees off
@@ -83,9 +98,12 @@ def test_check_size_refuses_fewer_than_k_plus_one_nodes() -> None:
 
 
 def test_pynndescent_still_compiles_after_ray_data_showed_progress():
-    """Ray's progress bars used to replace builtins.print, which broke numba in the same process."""
+    """Ray's progress bars used to replace builtins.print, and numba then refused to compile any function that
+    prints, pynndescent's among them, in the same process. Compile a fresh function that prints (numba has
+    no cache for it), then build a pynndescent graph, after Ray Data's progress bar has been set up."""
     import builtins
 
+    import numba
     import ray
     from ray.experimental import tqdm_ray
 
@@ -94,6 +112,18 @@ def test_pynndescent_still_compiles_after_ray_data_showed_progress():
     try:
         tqdm_ray.instance()  # what Ray Data's progress bars call
         assert builtins.print is original
+
+        @numba.njit
+        def prints_and_adds(a: int, b: int) -> int:
+            if a < 0:
+                print("negative")
+            return a + b
+
+        assert prints_and_adds(2, 3) == 5
+        unit = normalise(np.random.default_rng(0).standard_normal((300, 8)))
+        neighbours, similarities = approximate_knn(unit, 5, n_jobs=1)
+        assert neighbours.shape == (300, 5) and (neighbours != np.arange(300)[:, None]).all()
+        assert np.isfinite(similarities).all()
     finally:
         ray.shutdown()
         builtins.print = original

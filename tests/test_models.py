@@ -17,15 +17,14 @@ from gatrep.models import (
     build_model,
     context_aware_latents,
     load_model,
-    preset,
     save_model,
     self_loops,
 )
 from gatrep.models.autoencoder import MLPDecoder
-from gatrep.models.sage_ae import SAGEEncoder
-from gatrep.models.training import train_epoch
+from gatrep.models.encoders import SAGEEncoder
+from gatrep.models.epoch import train_epoch
+from gatrep.vectors import PAD
 
-PAD = sampling.PAD
 TABLE = torch.tensor([[1, 2], [0, 2], [0, 1], [4, 5], [3, PAD], [3, 4]])  # two triangles, one padded slot
 SMALL = {"in_dim": 8, "hidden": 4, "heads": 2, "latent_dim": 6, "decoder_hidden": (5,)}
 
@@ -43,8 +42,8 @@ def test_forward_shapes(encoder: str) -> None:
     assert model.context_free(_features()).shape == (6, 6)
 
 
-def test_paper_preset_is_two_gat_layers_and_a_256_latent() -> None:
-    model = build_model(preset("paper", 512))
+def test_paper_model_is_two_gat_layers_and_a_256_latent() -> None:
+    model = build_model(ModelConfig(in_dim=512, standardise=False))
     convs = model.encoder.convs
     assert [type(c).__name__ for c in convs] == ["GATConv", "GATConv"]
     assert (convs[0].heads, convs[0].out_channels, convs[0].concat) == (4, 256, True)
@@ -54,7 +53,7 @@ def test_paper_preset_is_two_gat_layers_and_a_256_latent() -> None:
 
 
 def test_sage_encoder_plugs_into_the_same_autoencoder() -> None:
-    model = GraphAutoencoder(SAGEEncoder(8, 4, 6), MLPDecoder(6, [5], 8), in_dim=8)
+    model = GraphAutoencoder(SAGEEncoder(8, 4, 1, 6), MLPDecoder(6, [5], 8), in_dim=8)
     z, x_hat = model(_features(), sampling.edge_index_of(TABLE))
     assert z.shape == (6, 6) and x_hat.shape == (6, 8)
 

@@ -6,22 +6,13 @@ import json
 
 import numpy as np
 import pytest
-import ray
 from PIL import Image
 
-from gatrep import io, schemas
-from jobs import pipeline
+from gatrep import cli, io, schemas
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("local_ray")]
 
 CATEGORIES = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def write_tree(root, per_category, seed):
@@ -40,8 +31,8 @@ def test_pipeline_indexes_queries_and_evaluates(tmp_path, capsys):
     write_tree(tmp_path / "queries", 10, seed=1)
     (tmp_path / "queries" / "red" / "listing-0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     run = tmp_path / "run"
-    code = pipeline.main(["--input", str(tmp_path / "index"), "--queries", str(tmp_path / "queries"),
-                          "--run", str(run), "--backbone", "tiny-random", "--k", "5", "--epochs", "3"])
+    code = cli.run_job("pipeline", ["--input", str(tmp_path / "index"), "--queries", str(tmp_path / "queries"),
+                                     "--run", str(run), "--backbone", "tiny-random", "--k", "5", "--epochs", "3"])
     out = capsys.readouterr().out
     assert code == 0, out
     kinds = {"embeddings": "embeddings", "graph": "graph", "model": "model", "latents": "latents", "index": "index",
@@ -49,10 +40,10 @@ def test_pipeline_indexes_queries_and_evaluates(tmp_path, capsys):
     for directory, kind in kinds.items():
         io.read_manifest(str(run / directory), kind)  # published, and of the right kind
 
-    latents, _ = io.read_stage(str(run / "latents"), "latents")
+    latents, _ = io.read_table(str(run / "latents"), "latents")
     assert latents.num_rows == 210 and schemas.vector_dim(latents.schema, "latent") == 256
 
-    results, manifest = io.read_stage(str(run / "results-index-single-category-aware"), "results")
+    results, manifest = io.read_table(str(run / "results-index-single-category-aware"), "results")
     schemas.validate(results.schema, schemas.results(), "results")
     assert results.num_rows == 31 and manifest["counts"] == {"not_an_image": 1, "ok": 30}
     bad = results.filter(np.array(results["status"].to_pylist()) != "ok").to_pylist()[0]

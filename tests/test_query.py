@@ -1,4 +1,5 @@
-"""Categorization, multi-representative scoring, k-NN vote and per-category retrieval on tiny indexes."""
+"""Categorization, multi-representative scoring, k-NN vote and per-category retrieval on tiny indexes, and the
+retrieval index's files."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from gatrep import query
-from gatrep.query import CategoryIndex, IndexFileError, Searcher
+from gatrep import categorize as query
+from gatrep.categorize import CategoryIndex, Searcher
+from gatrep.stages.index import IndexFileError, load_retrieval_index, save_retrieval_index
+from gatrep.vectors import exact_topk, normalise
 
 S = 1 / math.sqrt(2)
 
@@ -99,7 +102,7 @@ def test_search_path_and_bad_rows(scoring):
     assert results.ok.tolist() == [True, True, False]
     assert results.match_ids[:2, 0].tolist() == ["a3", "b2"]
     assert results.match_labels[:2, 0].tolist() == ["A", "B"]
-    columns = s(batch, k=2, scoring=scoring)
+    columns = s.search(batch, k=2, scoring=scoring).columns()
     assert columns["matches"][0][0]["image_id"] == "a3"
     assert columns["matches"][0][0]["score"] == pytest.approx(1.0)
     assert columns["matches"][2] == [] and columns["category_scores"][2] is None
@@ -131,14 +134,14 @@ def test_ann_index_retrieves_itself_first_and_round_trips(tmp_path):
     exact_ids = []
     for i in sample:
         part = index.parts[cats[i]]
-        rows = query.exact_top(query.normalize(vectors[i:i + 1]), part.vectors, 5)[0][0]
+        rows = exact_topk(normalise(vectors[i:i + 1]), part.vectors, 5)[0][0]
         exact_ids.append(part.ids[rows].tolist())
     recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(found.tolist(), exact_ids, strict=True)])
     assert recall >= 0.9
 
-    files = index.save(str(tmp_path / "ann"))
+    files = save_retrieval_index(index, str(tmp_path / "ann"))
     assert sum(f.endswith(".pkl") for f in files) == 2
-    loaded = CategoryIndex.load(str(tmp_path / "ann"))
+    loaded = load_retrieval_index(str(tmp_path / "ann"))
     again = loaded.retrieve_many(vectors[sample], [cats[i] for i in sample], k=5)
     assert again[0].tolist() == found.tolist()
     assert again[2][:, 0].tolist() == [cats[i] for i in sample]
@@ -146,17 +149,17 @@ def test_ann_index_retrieves_itself_first_and_round_trips(tmp_path):
     pickle_file = tmp_path / "ann" / "ann-00000.pkl"
     pickle_file.write_bytes(pickle_file.read_bytes() + b"tampered")
     with pytest.raises(IndexFileError, match="SHA-256"):
-        CategoryIndex.load(str(tmp_path / "ann"))
+        load_retrieval_index(str(tmp_path / "ann"))
 
 
 def test_exact_index_round_trips_without_pickles(tmp_path):
     vectors, ids, cats = tiny_index()
-    files = CategoryIndex.build(vectors, ids, cats, labels=cats).save(str(tmp_path))
+    files = save_retrieval_index(CategoryIndex.build(vectors, ids, cats, labels=cats), str(tmp_path))
     assert not any(f.endswith(".pkl") for f in files)
-    loaded = CategoryIndex.load(str(tmp_path))
+    loaded = load_retrieval_index(str(tmp_path))
     assert loaded.categories == ["A", "B"] and loaded.size("A") == 3 and loaded.size("C") == 0
     assert loaded.retrieve(vectors[4:5], "B", k=1)[0].tolist() == [["b2"]]
     assert loaded.label_counts() == {"A": 3, "B": 2}
     (tmp_path / "catalog.parquet").unlink()
     with pytest.raises(IndexFileError, match="missing catalog.parquet"):
-        CategoryIndex.load(str(tmp_path))
+        load_retrieval_index(str(tmp_path))

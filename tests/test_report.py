@@ -18,11 +18,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from gatrep import io, query, report, schemas
+from gatrep import cli, io, schemas
 from gatrep.config import EvaluateConfig, IndexConfig, ReportConfig
-from jobs import evaluate as evaluate_job
-from jobs import index as index_job
-from jobs import report as report_job
+from gatrep.report import charts, html, sections, thumbnails
+from gatrep.stages import evaluate as evaluate_stage  # TODO(stages): fixture setup only
+from gatrep.stages import index as index_stage  # TODO(stages): fixture setup only
+from gatrep.stages import report
 
 HOSTILE = '<script>alert("x")</script>&co'  # a category name that must reach the page only as text
 REPO = Path(__file__).resolve().parents[1]
@@ -101,15 +102,17 @@ def _model(run: Path) -> None:
 
 
 def _results(run: Path, rows: list[dict]) -> None:
-    searcher = query.load_searcher(str(run / "index"))
+    index_uri = str(run / "index")
+    searcher = index_stage.load_searcher(index_uri)  # TODO(stages)
     picked = [rows[0], rows[4], rows[8], rows[12]]
     vectors = np.stack([r["vector"] for r in picked])
     vectors[1] = rows[8]["vector"]  # a shirts-labelled query that looks like shoes: misclassified
-    columns = searcher(vectors, k=3)
+    columns = searcher.search(vectors, k=3).columns()  # TODO(stages)
     table = pa.table({"query_id": [f"q{i}" for i in range(4)], "uri": [r["uri"] for r in picked],
                       "label": [r["category"] for r in picked], "status": ["ok"] * 4, "error": [None] * 4,
                       **columns}, schema=schemas.results())
-    _publish(run, RESULTS, table, {"index": "index"}, "results", method="tiny/single")
+    upstream = {"index": io.upstream_of(io.read_manifest(index_uri), index_uri)}
+    _publish(run, RESULTS, table, {"index": "index"}, "results", method="tiny/single", upstream=upstream)
 
 
 @pytest.fixture(scope="module")
@@ -121,9 +124,9 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _embeddings(run, rows, images)
     _latents(run, rows)
     _model(run)
-    index_job.build(IndexConfig(run=str(run), merge_threshold=0.5))
+    index_stage.run(IndexConfig(run=str(run), merge_threshold=0.5))  # TODO(stages)
     _results(run, rows)
-    evaluate_job.run(EvaluateConfig(run=str(run), results=(RESULTS,), k=3))
+    evaluate_stage.run(EvaluateConfig(run=str(run), results=(RESULTS,), k=3))  # TODO(stages)
     Path(rows[-1]["uri"]).unlink()  # indexed, then deleted: its thumbnail must become a placeholder
     return run
 
@@ -142,25 +145,25 @@ def tiny_page(tiny_run: Path) -> tuple[str, dict]:
 
 
 def test_escape_turns_markup_into_text():
-    assert report.esc('<b a="1">&\'') == "&lt;b a=&quot;1&quot;&gt;&amp;&#x27;"
-    assert report.esc(None) == "\u2014"
-    assert report.cut("x" * 10, 5) == "xxxx\u2026" and report.cut(None) == ""
+    assert html.esc('<b a="1">&\'') == "&lt;b a=&quot;1&quot;&gt;&amp;&#x27;"
+    assert html.esc(None) == "\u2014"
+    assert html.cut("x" * 10, 5) == "xxxx\u2026" and html.cut(None) == ""
 
 
 def test_page_shows_data_strings_only_escaped(tiny_page):
     html_text, _ = tiny_page
     assert HOSTILE not in html_text and "<script>alert" not in html_text
-    assert report.esc(HOSTILE) in html_text
+    assert html.esc(HOSTILE) in html_text
     # The only scripts are the page's own two inline ones.
     assert html_text.count("<script>") == 2
 
 
 def test_sample_positions_is_bounded_distinct_and_seeded():
-    assert report.sample_positions(5, 10, 0).tolist() == [0, 1, 2, 3, 4]
-    drawn = report.sample_positions(1000, 20, 3)
+    assert io.sample_positions(5, 10, 0).tolist() == [0, 1, 2, 3, 4]
+    drawn = io.sample_positions(1000, 20, 3)
     assert drawn.size == 20 and np.unique(drawn).size == 20 and (np.diff(drawn) > 0).all() and drawn.max() < 1000
-    assert (report.sample_positions(1000, 20, 3) == drawn).all()
-    assert not (report.sample_positions(1000, 20, 4) == drawn).all()
+    assert (io.sample_positions(1000, 20, 3) == drawn).all()
+    assert not (io.sample_positions(1000, 20, 4) == drawn).all()
 
 
 def test_take_rows_reads_global_rows_across_files_and_row_groups(tmp_path):
@@ -173,65 +176,67 @@ def test_take_rows_reads_global_rows_across_files_and_row_groups(tmp_path):
         pq.write_table(pa.table({"v": list(values)}), path, row_group_size=3)  # groups of 3 rows
         files.append(path)
     manifest = io.publish(str(stage), "latents", files, {})
-    assert report.count_rows(str(stage), manifest) == 12
-    taken = report.take_rows(str(stage), manifest, np.array([11, 0, 4, 7, 4]), ["v"])
+    assert io.count_rows(str(stage), manifest) == 12
+    taken = io.take_rows(str(stage), manifest, np.array([11, 0, 4, 7, 4]), ["v"])
     assert taken["v"].to_pylist() == [0, 4, 7, 11]
     with pytest.raises(ValueError, match="at least one row"):
-        report.take_rows(str(stage), manifest, np.array([], dtype=np.int64), ["v"])
+        io.take_rows(str(stage), manifest, np.array([], dtype=np.int64), ["v"])
+    with pytest.raises(schemas.SchemaError, match="no column.*'w'"):  # pyarrow alone would yield empty batches
+        list(io.scan(str(stage), manifest, ["v", "w"]))
 
 
 def test_thumbnail_of_an_image_and_refusals(tmp_path):
     _png(tmp_path / "a.png", (10, 200, 10), 0)
-    jpeg, why = report.thumbnail_jpeg(str(tmp_path / "a.png"), 32, 75, 10**6, 10**6)
+    jpeg, why = thumbnails.thumbnail_jpeg(str(tmp_path / "a.png"), 32, 75, 10**6, 10**6)
     assert why == "" and jpeg is not None
     with Image.open(__import__("io").BytesIO(jpeg)) as decoded:
         assert decoded.format == "JPEG" and decoded.size == (32, 32)
     (tmp_path / "t.jpg").write_text("hello")
-    assert report.thumbnail_jpeg(str(tmp_path / "t.jpg"), 32, 75, 10**6, 10**6) == (None, "not_an_image")
-    assert report.thumbnail_jpeg(str(tmp_path / "none.png"), 32, 75, 10**6, 10**6) == (None, "unreadable")
-    assert report.thumbnail_jpeg(str(tmp_path / "a.png"), 32, 75, 10, 10**6) == (None, "too_large")
-    assert report.thumbnail_jpeg(str(tmp_path / "a.png"), 32, 75, 10**6, 100) == (None, "too_large")
+    assert thumbnails.thumbnail_jpeg(str(tmp_path / "t.jpg"), 32, 75, 10**6, 10**6) == (None, "not_an_image")
+    assert thumbnails.thumbnail_jpeg(str(tmp_path / "none.png"), 32, 75, 10**6, 10**6) == (None, "unreadable")
+    assert thumbnails.thumbnail_jpeg(str(tmp_path / "a.png"), 32, 75, 10, 10**6) == (None, "too_large")
+    assert thumbnails.thumbnail_jpeg(str(tmp_path / "a.png"), 32, 75, 10**6, 100) == (None, "too_large")
 
 
 def test_thumbnails_fill_placeholders_and_budget(tmp_path):
     _png(tmp_path / "a.png", (10, 200, 10), 0)
-    thumbs = report.Thumbnails(32, 75, budget_bytes=10**6, max_bytes=10**6, max_pixels=10**6, threads=2)
+    thumbs = thumbnails.Thumbnails(32, 75, budget_bytes=10**6, max_bytes=10**6, max_pixels=10**6, threads=2)
     page = "".join([thumbs.img(str(tmp_path / "a.png"), 'a "quoted" <alt>'), thumbs.img(str(tmp_path / "x.png"), "x"),
                     thumbs.img(None, "none", "URI unknown")])
     filled = thumbs.fill(page)
     assert filled.count("<img ") == 1 and filled.count('class="ph"') == 2
     assert "unreadable" in filled and "URI unknown" in filled and "<!--thumb:" not in filled
     assert 'alt="a &quot;quoted&quot; &lt;alt&gt;"' in filled
-    tight = report.Thumbnails(32, 75, budget_bytes=1, max_bytes=10**6, max_pixels=10**6)
+    tight = thumbnails.Thumbnails(32, 75, budget_bytes=1, max_bytes=10**6, max_pixels=10**6)
     filled = tight.fill(tight.img(str(tmp_path / "a.png"), "a"))
     assert "<img" not in filled and "over budget" in filled and tight.stats["over_budget"] == 1
 
 
 def test_svg_line_draws_finite_points_and_downsamples():
-    svg = report.svg_line([1, 2, 3, 4], [4.0, float("nan"), 2.0, 1.0])
+    svg = charts.svg_line([1, 2, 3, 4], [4.0, float("nan"), 2.0, 1.0])
     root = ET.fromstring(svg)  # well-formed XML
     points = root.find("{http://www.w3.org/2000/svg}polyline").get("points").split()
     assert len(points) == 3
-    many = ET.fromstring(report.svg_line(list(range(5000)), list(range(5000)), max_points=100))
+    many = ET.fromstring(charts.svg_line(list(range(5000)), list(range(5000)), max_points=100))
     assert len(many.find("{http://www.w3.org/2000/svg}polyline").get("points").split()) == 100
-    assert "no finite points" in report.svg_line([1.0], [float("inf")])
+    assert "no finite points" in charts.svg_line([1.0], [float("inf")])
     with pytest.raises(ValueError, match="as many xs as ys"):
-        report.svg_line([1, 2], [1])
+        charts.svg_line([1, 2], [1])
 
 
 def test_nice_ticks_and_the_log_scale_of_a_falling_loss():
-    assert report.nice_ticks(1, 200) == [50, 100, 150, 200]
-    assert report.nice_ticks(0, 0.9) == [0, 0.25, 0.5, 0.75]
-    assert report.nice_ticks(3, 3) == [3]
-    falling = report.svg_line(list(range(1, 201)), [1 / e for e in range(1, 201)])
+    assert charts.nice_ticks(1, 200) == [50, 100, 150, 200]
+    assert charts.nice_ticks(0, 0.9) == [0, 0.25, 0.5, 0.75]
+    assert charts.nice_ticks(3, 3) == [3]
+    falling = charts.svg_line(list(range(1, 201)), [1 / e for e in range(1, 201)])
     labels = [t.text for t in ET.fromstring(falling).iter("{http://www.w3.org/2000/svg}text")]
     assert "loss, log scale" in labels and {"1", "0.1", "0.01"} <= set(labels)
-    flat = report.svg_line([1, 2, 3], [0.5, 0.4, 0.3])
+    flat = charts.svg_line([1, 2, 3], [0.5, 0.4, 0.3])
     assert "log scale" not in flat
 
 
 def test_map_draws_from_the_largest_categories_when_there_are_too_many(tmp_path):
-    sizes = list(range(1, len(report.PALETTE) + 3))  # group g{i} has i rows: two more groups than colours
+    sizes = list(range(1, len(charts.PALETTE) + 3))  # group g{i} has i rows: two more groups than colours
     groups = [f"g{size:02d}" for size in sizes for _ in range(size)]
     vectors = np.random.default_rng(0).normal(size=(len(groups), 4)).astype(np.float32)
     table = pa.table({"node": list(range(len(groups))), "image_id": [f"i{n}" for n in range(len(groups))],
@@ -244,19 +249,19 @@ def test_map_draws_from_the_largest_categories_when_there_are_too_many(tmp_path)
 
 
 def test_svg_scatter_colours_frequent_groups_and_escapes():
-    groups = ["a"] * 3 + ["<b>"] * 2 + [f"g{i}" for i in range(len(report.PALETTE))]
+    groups = ["a"] * 3 + ["<b>"] * 2 + [f"g{i}" for i in range(len(charts.PALETTE))]
     xy = np.arange(2 * len(groups), dtype=float).reshape(-1, 2)
-    root = ET.fromstring(report.svg_scatter(xy, groups))
+    root = ET.fromstring(charts.svg_scatter(xy, groups))
     circles = root.findall("{http://www.w3.org/2000/svg}circle")
     assert len(circles) == len(groups)
-    colour = report.colours(groups)
-    assert colour["a"] == report.PALETTE[0] and colour["<b>"] == report.PALETTE[1]
-    assert sum(c == report.OTHER_COLOUR for c in colour.values()) == 2  # 14 groups, 12 colours
+    colour = charts.colours(groups)
+    assert colour["a"] == charts.PALETTE[0] and colour["<b>"] == charts.PALETTE[1]
+    assert sum(c == charts.OTHER_COLOUR for c in colour.values()) == 2  # 14 groups, 12 colours
     titles = [c.find("{http://www.w3.org/2000/svg}title").text for c in circles]
     assert "<b>" in titles  # escaped in the markup, the original text once parsed
-    assert "2 other groups" in report.legend(groups)
+    assert "2 other groups" in charts.legend(groups)
     with pytest.raises(ValueError, match=r"\[n, 2\]"):
-        report.svg_scatter(np.zeros((3, 3)), ["a"] * 3)
+        charts.svg_scatter(np.zeros((3, 3)), ["a"] * 3)
 
 
 def test_parse_metrics_skips_what_it_cannot_read():
@@ -266,18 +271,18 @@ def test_parse_metrics_skips_what_it_cannot_read():
 
 
 def test_confusion_is_a_matrix_when_small_and_top_pairs_when_large():
-    ctx = report.Context(_cfg(Path("/nowhere"), classes=3, pairs=2), report.Thumbnails(16, 75, 0, 1, 1))
+    ctx = sections.Context(_cfg(Path("/nowhere"), classes=3, pairs=2), thumbnails.Thumbnails(16, 75, 0, 1, 1))
     small = {"labels": ["a", "b"], "matrix": [[3, 1], [0, 2]]}
-    assert report.confusion(ctx, small).count("<td") == 4
+    assert sections.confusion(ctx, small).count("<td") == 4
     large = {"labels": ["a", "b", "c", "d"], "matrix": [[5, 3, 0, 0], [0, 5, 1, 0], [0, 0, 5, 0], [2, 0, 0, 5]]}
-    text = report.confusion(ctx, large)
+    text = sections.confusion(ctx, large)
     assert "the 2 largest confusions" in text
     assert re.search(r"<td>a</td><td>b</td><td class='n'>3</td>", text) and "<td>d</td><td>a</td>" in text
 
 
 def test_similarity_matrix_shades_off_diagonal_cells_from_lowest_to_highest():
     matrix = np.array([[1.0, 0.9, 0.95], [0.9, 1.0, 0.99], [0.95, 0.99, 1.0]])
-    cells = re.findall(r"<td([^>]*)>([^<]*)</td>", report.similarity_matrix(["a", "b", "<c>"], matrix))
+    cells = re.findall(r"<td([^>]*)>([^<]*)</td>", sections.similarity_matrix(["a", "b", "<c>"], matrix))
     assert len(cells) == 9 and [value for _, value in cells[:3]] == ["1.000", "0.900", "0.950"]
     assert cells[0][0] == ' class="n"'  # the diagonal is not shaded
     assert "rgba(37,99,235,0.00)" in cells[1][0] and "rgba(37,99,235,1.00)" in cells[5][0]
@@ -287,12 +292,12 @@ def test_project_tsne_and_pca_give_two_columns():
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(0, 0.1, (8, 5)) + 3, rng.normal(0, 0.1, (8, 5)) - 3])
     for method in ("tsne", "pca"):
-        xy = report.project(x, method, 0)
+        xy = charts.project(x, method, 0)
         assert xy.shape == (16, 2) and np.isfinite(xy).all()
         # The two clusters stay apart along some axis.
         gap = np.abs(xy[:8].mean(axis=0) - xy[8:].mean(axis=0)).max()
         assert gap > xy[:8].std(axis=0).max()
-    assert report.project(x[:2], "tsne", 0).shape == (2, 2)
+    assert charts.project(x[:2], "tsne", 0).shape == (2, 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,7 +308,7 @@ def test_page_has_every_section_with_the_run_data(tiny_page):
     html_text, summary = tiny_page
     assert summary["sections"] == {"index": "ok", "results": "ok", "inputs": "ok", "map": "ok", "evaluation": "ok",
                                    "training": "ok"}
-    for anchor, _, _ in report.SECTIONS:
+    for anchor, _, _ in sections.SECTIONS:
         assert f'<section id="{anchor}">' in html_text
     assert "Not run" not in html_text and "Could not read" not in html_text
     assert "5 epochs, final loss 0.20000" in html_text and "1 malformed line(s)" in html_text
@@ -333,6 +338,29 @@ def test_missing_and_broken_stages_are_shown_not_raised(tmp_path, tiny_run):
     assert "Could not read" in html_text and "backbone embeddings instead" in html_text
 
 
+def test_a_stage_with_a_missing_or_corrupt_file_shows_as_could_not_read(tmp_path, tiny_run):
+    run = tmp_path / "damaged"
+    shutil.copytree(tiny_run, run)
+    next((run / "model").glob("run-*/metrics.jsonl")).unlink()  # listed in the manifest, gone from the disk
+    next((run / "latents").glob("run-*/*.parquet")).write_bytes(b"not parquet at all")
+    html_text, summary = report.build(_cfg(run))
+    assert summary["sections"]["training"] == "error" and summary["sections"]["map"] == "error"
+    assert summary["errors"]["training"].startswith("FileNotFoundError")
+    assert summary["errors"]["map"].startswith("ArrowInvalid")
+    assert {k for k, v in summary["sections"].items() if v == "ok"} == {"index", "results", "inputs", "evaluation"}
+    assert html_text.count('class="failed"') == 2
+
+
+@pytest.mark.parametrize("bug", [TypeError, KeyError, ValueError])
+def test_a_bug_in_a_loader_raises_instead_of_showing_as_unreadable(tiny_run, monkeypatch, bug):
+    def broken(stage_uri: str) -> None:
+        raise bug("a bug in the loader")
+
+    monkeypatch.setattr(report, "load_training", broken)
+    with pytest.raises(bug, match="a bug in the loader"):
+        report.build(_cfg(tiny_run))
+
+
 def test_sections_past_their_bounds_say_how_they_were_sampled(tiny_run):
     html_text, _ = report.build(_cfg(tiny_run, categories=1, queries=2, similarity_listings=2, pairs=1, map_points=5))
     assert "1 of 3 shown in full" in html_text
@@ -351,9 +379,9 @@ def test_the_sampled_results_stage_is_found_through_the_evaluation(tiny_run):
 
 def test_job_writes_the_page_and_refuses_a_missing_run(tmp_path, tiny_run, capsys):
     out = tmp_path / "out" / "report.html"
-    assert report_job.main(["--run", str(tiny_run), "--out", str(out), "--map-method", "pca"]) == 0
+    assert cli.run_job("report", ["--run", str(tiny_run), "--out", str(out), "--map-method", "pca"]) == 0
     assert out.read_text().startswith("<!DOCTYPE html>") and "report:" in capsys.readouterr().out
-    assert report_job.main(["--run", str(tmp_path / "nope")]) == 2
+    assert cli.run_job("report", ["--run", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -365,7 +393,7 @@ def test_report_of_an_object_store_run(tiny_run, capsys):
         for path in tiny_run.rglob("*"):
             if path.is_file():
                 fs.pipe_file(f"{root}/run/{path.relative_to(tiny_run)}", path.read_bytes())
-        assert report_job.main(["--run", f"memory://{root}/run", "--map-method", "pca"]) == 0
+        assert cli.run_job("report", ["--run", f"memory://{root}/run", "--map-method", "pca"]) == 0
         page = fs.cat_file(f"{root}/run/report/index.html").decode()
         assert "stages: index ok, results ok, inputs ok, map ok, evaluation ok, training ok" in capsys.readouterr().out
         assert page.count("<img ") > 10 and "Not run" not in page
@@ -430,13 +458,13 @@ def test_report_loads_in_headless_chromium(tmp_path, tiny_run):
     replaces docs/report-screenshot.png for the README."""
     chromium = _chromium()
     page = tmp_path / "report" / "index.html"
-    assert report_job.main(["--run", str(tiny_run), "--out", str(page), "--map-method", "pca"]) == 0
+    assert cli.run_job("report", ["--run", str(tiny_run), "--out", str(page), "--map-method", "pca"]) == 0
     _check_in_browser(chromium, page, tmp_path)
     if os.environ.get("GATREP_UPDATE_SCREENSHOT") == "1":
         demo = REPO / "runs" / "demo"
-        assert report.stage_exists(str(demo / "index")), f"{demo} has no index stage: run ./dev.sh demo first"
+        assert io.stage_exists(str(demo / "index")), f"{demo} has no index stage: run ./dev.sh demo first"
         demo_page = tmp_path / "demo" / "index.html"
-        assert report_job.main(["--run", str(demo), "--out", str(demo_page)]) == 0
+        assert cli.run_job("report", ["--run", str(demo), "--out", str(demo_page)]) == 0
         shot = _check_in_browser(chromium, demo_page, tmp_path)
         (REPO / "docs").mkdir(exist_ok=True)
         shutil.copyfile(shot, REPO / "docs" / "report-screenshot.png")
@@ -446,7 +474,7 @@ def test_the_browser_check_catches_broken_images_and_errors(tmp_path):
     """The checks above can fail: a page with a missing image and a script error trips both."""
     chromium = _chromium()
     page = tmp_path / "bad.html"
-    page.write_text(report.page("bad", "bad", '<img src="missing.png" alt="x"><script>undefinedFunction();</script>'))
+    page.write_text(html.page("bad", "bad", '<img src="missing.png" alt="x"><script>undefinedFunction();</script>'))
     dom = _browse(chromium, tmp_path / "profile", "--enable-logging=stderr", "--v=0", "--dump-dom", page.as_uri())
     assert 'data-broken-images="1"' in dom.stdout
     assert "data-errors=" in re.search(r"<html[^>]*>", dom.stdout).group(0)

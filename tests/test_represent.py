@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from gatrep import represent
+from gatrep import represent, vectors
 
 
 def brute_total_similarity(x: np.ndarray) -> np.ndarray:
@@ -74,7 +74,7 @@ def brute_degree(x: np.ndarray, threshold: float) -> np.ndarray:
 
 @pytest.mark.parametrize("block_cells", [1 << 24, 50])  # one block, and blocks of a single row
 def test_degree_exact_matches_brute_force(data, monkeypatch, block_cells):
-    monkeypatch.setattr(represent, "BLOCK_CELLS", block_cells)
+    monkeypatch.setattr(vectors, "BLOCK_CELLS", block_cells)
     rep = represent.degree(data, threshold=0.3, top_k=6)
     counts = brute_degree(data, 0.3)
     np.testing.assert_array_equal(rep.centrality, counts)
@@ -92,7 +92,7 @@ def test_degree_edges_need_a_similarity_strictly_above_the_threshold():
 
 
 def test_degree_from_a_full_neighbour_table_is_exact(data):
-    ids, sims = represent.exact_neighbours(represent.normalize(data), k=len(data) - 1)
+    ids, sims = vectors.exact_knn(vectors.normalise(data), k=len(data) - 1)
     rep = represent.degree(data, threshold=0.3, neighbours=ids, similarities=sims)
     np.testing.assert_array_equal(rep.centrality, brute_degree(data, 0.3))
 

@@ -1,21 +1,18 @@
-"""`python -m jobs.train` end to end on a local Ray (2 CPUs): two DDP workers, a killed worker, resume, latents."""
+"""The train stage (`python -m jobs.train`) end to end on a local Ray (2 CPUs): two DDP workers, a killed
+worker, resume, reuse, latents."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
-from test_graph_job import clustered, write_embeddings
 
-from gatrep import io, models, schemas, train
+from gatrep import cli, io, models, schemas
 from gatrep.config import TrainConfig
-from jobs import graph as graph_job
-from jobs import train as train_job
+from gatrep.stages import train
 
 pytestmark = pytest.mark.ray
 
@@ -24,18 +21,11 @@ SMALL = ["--hidden", "8", "--heads", "2", "--latent-dim", "16", "--decoder-hidde
 
 
 @pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    ray.init(num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> str:
+def run(tmp_path_factory: pytest.TempPathFactory, clustered, write_embeddings) -> str:
     root = str(tmp_path_factory.mktemp("run"))
     listings = [f"shirts/{i // 30}" for i in range(300)]
     write_embeddings(root, clustered(30, 10, dim=16), listings=listings, categories=["shirts"] * 300)
-    assert graph_job.main(["--run", root, "--k", "5"]) == 0
+    assert cli.run_job("graph", ["--run", root, "--k", "5"]) == 0
     return root
 
 
@@ -58,11 +48,11 @@ def test_two_workers_survive_a_killed_worker_and_write_latents(local_ray: None, 
     assert all(m["seeds"] == 300 and m["batches_per_worker"] == 3 for m in metrics)
     assert metrics[-1]["loss"] < metrics[0]["loss"]
 
-    table, latents_manifest = io.read_stage(io.join(run, "latents"), "latents")
+    table, latents_manifest = io.read_table(io.join(run, "latents"), "latents")
     schemas.validate(table.schema, schemas.latents(16), "latents")
     assert table[schemas.NODE].to_pylist() == list(range(300))
     assert table[schemas.LISTING].to_pylist()[31] == "shirts/1"
-    model, model_cfg = models.load_model(io.join(run, "model"))
+    model, model_cfg = train.load_model_stage(io.join(run, "model"))
     assert model_cfg.heads == 2 and manifests["model"]["epochs"] == 3
     inputs = train.load_inputs(run)
     expected = models.context_aware_latents(model, torch.from_numpy(inputs.features),
@@ -74,11 +64,19 @@ def test_two_workers_survive_a_killed_worker_and_write_latents(local_ray: None, 
 
 def test_rerun_with_more_epochs_resumes_from_the_last_checkpoint(local_ray: None, run: str,
                                                                  capsys: pytest.CaptureFixture) -> None:
-    assert train_job.main(["--run", run, "--epochs", "4", *SMALL]) == 0
+    assert cli.run_job("train", ["--run", run, "--epochs", "4", *SMALL]) == 0
     assert "resumed from epoch 3" in capsys.readouterr().out
     metrics = _metrics(run)
     assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]
     assert metrics[-1]["resumed"] is True
+
+
+def test_rerun_with_the_same_config_and_inputs_reuses_model_and_latents(local_ray: None, run: str,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    before = {stage: (Path(run) / stage / io.MANIFEST).read_text() for stage in ("model", "latents")}
+    assert cli.run_job("train", ["--run", run, "--epochs", "4", *SMALL]) == 0
+    assert "[already published: reused]" in capsys.readouterr().out
+    assert {stage: (Path(run) / stage / io.MANIFEST).read_text() for stage in ("model", "latents")} == before
 
 
 def test_checkpoint_of_another_config_is_refused_before_anything_runs(local_ray: None, run: str,
@@ -86,27 +84,26 @@ def test_checkpoint_of_another_config_is_refused_before_anything_runs(local_ray:
     before = (Path(run) / "model" / io.MANIFEST).read_text()
     argv = ["--run", run, "--epochs", "5", *SMALL]
     argv[argv.index("--heads") + 1] = "3"
-    assert train_job.main(argv) == 2
+    assert cli.run_job("train", argv) == 2
     err = capsys.readouterr().err
     assert "trained with another model config" in err and "heads: checkpoint 2, asked 3" in err
     assert (Path(run) / "model" / io.MANIFEST).read_text() == before
 
 
-def test_bad_graph_stages_are_refused_and_nothing_is_written(local_ray: None, tmp_path: Path,
+def test_bad_graph_stages_are_refused_and_nothing_is_written(local_ray: None, clustered, write_embeddings,
+                                                             tmp_path: Path,
                                                              capsys: pytest.CaptureFixture) -> None:
     root = str(tmp_path)
     write_embeddings(root, clustered(5, 2))
-    assert train_job.main(["--run", root, *SMALL]) == 2
+    assert cli.run_job("train", ["--run", root, *SMALL]) == 2
     assert "graph stage was never published" in capsys.readouterr().err
-    assert graph_job.main(["--run", root, "--k", "2"]) == 0
+    assert cli.run_job("graph", ["--run", root, "--k", "2"]) == 0
     write_embeddings(root, clustered(5, 2, seed=1))  # new embeddings published after the graph was built
-    assert train_job.main(["--run", root, *SMALL]) == 2
+    assert cli.run_job("train", ["--run", root, *SMALL]) == 2
     assert "rebuild the graph" in capsys.readouterr().err
     assert not (tmp_path / "model").exists() and not (tmp_path / "latents").exists()
 
 
 def test_checkpoint_storage_is_absolute_for_a_relative_run(tmp_path, monkeypatch):
-    from gatrep.train import checkpoint_storage
-
     monkeypatch.chdir(tmp_path)
-    assert checkpoint_storage("runs/demo") == str(tmp_path / "runs/demo/model/_checkpoints")
+    assert train.checkpoint_storage("runs/demo") == str(tmp_path / "runs/demo/model/_checkpoints")

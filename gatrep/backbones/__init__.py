@@ -55,12 +55,5 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def l2_normalise(features: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (zero rows stay zero), as float32."""
-    features = np.asarray(features, dtype=np.float32)
-    norms = np.linalg.norm(features, axis=1, keepdims=True)
-    return features / np.maximum(norms, 1e-12)
-
-
 # Registration happens on import of each family module.
 from gatrep.backbones import clip, hog, tiny, torchvision_nets  # noqa: E402, F401

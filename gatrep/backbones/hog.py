@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 from skimage.feature import hog
 
-from gatrep.backbones import Backbone, Encoder, l2_normalise, register
+from gatrep.backbones import Backbone, Encoder, register
 from gatrep.images import Preprocess
+from gatrep.vectors import normalise
 
 _SIZE, _CELL, _BLOCK, _ORIENTATIONS = 128, 16, 2, 9
 _DIM = ((_SIZE // _CELL) - _BLOCK + 1) ** 2 * _BLOCK**2 * _ORIENTATIONS
@@ -20,7 +21,7 @@ class HogEncoder:
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         rows = [hog(p[:, :, 0], orientations=_ORIENTATIONS, pixels_per_cell=(_CELL, _CELL),
                     cells_per_block=(_BLOCK, _BLOCK), feature_vector=True) for p in pixels]
-        return l2_normalise(np.stack(rows) if rows else np.zeros((0, _DIM)))
+        return normalise(np.stack(rows) if rows else np.zeros((0, _DIM)))
 
 
 def _load(weights_spec: str, device: str) -> Encoder:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from gatrep.backbones import l2_normalise
+from gatrep.vectors import normalise
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -31,7 +31,7 @@ class TorchEncoder:
         x = x.float() * self.scale - self.shift
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             features = self.module(x)
-        return l2_normalise(features.float().cpu().numpy())
+        return normalise(features.float().cpu().numpy())
 
 
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import torch
 
+from gatrep.errors import UserError
 
-class WeightsNotFound(FileNotFoundError):
+
+class WeightsNotFound(UserError, FileNotFoundError):
     """No weights file for a backbone; the message lists every place that was searched."""
 
 

@@ -11,52 +11,29 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
-from gatrep import io, sampling
+from gatrep import io, sampling, schemas
 from gatrep.config import ModelConfig, from_dict, to_dict
+from gatrep.errors import UserError
 from gatrep.models.autoencoder import GraphAutoencoder, GraphEncoder, MLPDecoder, self_loops
-from gatrep.models.gat_ae import GATEncoder
-from gatrep.models.sage_ae import SAGEEncoder
+from gatrep.models.encoders import ENCODERS
 
 __all__ = [
-    "PRESETS", "GraphAutoencoder", "GraphEncoder", "ModelLoadError", "build_model", "context_aware_latents",
-    "load_model", "model_config_from_dict", "preset", "save_model", "self_loops",
+    "ENCODERS", "GraphAutoencoder", "GraphEncoder", "ModelLoadError", "build_model", "context_aware_latents",
+    "load_model", "model_config_from_dict", "save_model", "self_loops",
 ]
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 FORMAT = "gatrep.graph_autoencoder/1"
-
-# The paper's GAT-AE (section IV-A1): two GATConv layers with ReLU, a 256-d linear latent layer, a fully
-# connected decoder; trained with MSE on the features and Adam for 200 epochs (TrainConfig's defaults).
-PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {"encoder": "gat", "hidden": 256, "heads": 4, "latent_dim": 256, "decoder_hidden": (512,),
-              "dropout": 0.0, "standardise": False},
-    # gatrep's default: the paper's GAT-AE on features standardised per dimension (bench/quality.py:
-    # +12 points of categorization accuracy on digits, +3 on Fashion-MNIST, context-free queries).
-    "gatrep": {"encoder": "gat", "hidden": 256, "heads": 4, "latent_dim": 256, "decoder_hidden": (512,),
-               "dropout": 0.0, "standardise": True},
-}
+WEIGHTS_FILE, CONFIG_FILE = schemas.WEIGHTS_FILE, schemas.CONFIG_FILE
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError, ValueError):
     """Saved weights that are missing, unreadable, or do not fit the config stored beside them."""
-
-
-def preset(name: str, in_dim: int) -> ModelConfig:
-    """The ModelConfig of a named preset for features of size `in_dim`; KeyError lists the names."""
-    if name not in PRESETS:
-        raise KeyError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
-    return ModelConfig(in_dim=in_dim, **PRESETS[name])
 
 
 def build_model(model_config: ModelConfig) -> GraphAutoencoder:
     """A freshly initialised GraphAutoencoder of `model_config` (seed torch first for reproducibility)."""
     c = model_config
-    encoder: GraphEncoder
-    if c.encoder == "gat":
-        encoder = GATEncoder(c.in_dim, c.hidden, c.heads, c.latent_dim, c.dropout)
-    else:
-        encoder = SAGEEncoder(c.in_dim, c.hidden, c.latent_dim, c.dropout)
+    encoder = ENCODERS[c.encoder](c.in_dim, c.hidden, c.heads, c.latent_dim, c.dropout)
     return GraphAutoencoder(encoder, MLPDecoder(c.latent_dim, c.decoder_hidden, c.in_dim), c.in_dim)
 
 
@@ -83,20 +60,22 @@ def save_model(model: torch.nn.Module, cfg: ModelConfig, dir_uri: str,
 
 
 def load_model(dir_uri: str) -> tuple[GraphAutoencoder, ModelConfig]:
-    """(model in eval mode on the CPU, its ModelConfig) from a directory holding model.safetensors + config.json,
-    or from a published model stage (its manifest says where they are).
+    """(model in eval mode on the CPU, its ModelConfig) from a directory holding model.safetensors + config.json.
 
     Raises ModelLoadError when a file is missing or unreadable, and when the weights do not fit the model
     that config.json describes (a checkpoint from another config), naming the keys and shapes that differ."""
-    weights_uri, config_uri = _model_files(dir_uri)
+    weights_uri, config_uri = io.join(dir_uri, WEIGHTS_FILE), io.join(dir_uri, CONFIG_FILE)
+    fs, _ = io.url_to_fs(dir_uri)
+    for uri in (weights_uri, config_uri):
+        if not fs.exists(io.url_to_fs(uri)[1]):
+            raise ModelLoadError(f"{uri} does not exist; train a model first (python -m jobs.train)")
     document = _read_json(config_uri)
     try:
         cfg = model_config_from_dict(document["model"])
     except (KeyError, TypeError, ValueError) as err:
         raise ModelLoadError(f"{config_uri}: not a gatrep model config ({err})") from err
-    fs, path = io.url_to_fs(weights_uri)
     try:
-        weights = safetensors.torch.load(fs.cat_file(path))
+        weights = safetensors.torch.load(fs.cat_file(io.url_to_fs(weights_uri)[1]))
     except Exception as err:  # safetensors raises its own error types for truncated or foreign files
         raise ModelLoadError(f"{weights_uri}: cannot read safetensors weights ({err})") from err
     model = build_model(cfg)
@@ -117,22 +96,6 @@ def check_weights(model: torch.nn.Module, weights: dict[str, Tensor], where: str
         raise ModelLoadError(
             f"{where}: the weights were saved from another model config ({'; '.join(problems[:6])}"
             + (" ..." if len(problems) > 6 else "") + "); load them with the config.json saved beside them")
-
-
-def _model_files(dir_uri: str) -> tuple[str, str]:
-    fs, path = io.url_to_fs(dir_uri)
-    base = dir_uri
-    if fs.exists(posixpath.join(path, io.MANIFEST)):
-        manifest = io.read_manifest(dir_uri, "model")
-        weights = [f for f in manifest["files"] if posixpath.basename(f) == WEIGHTS_FILE]
-        if not weights:
-            raise ModelLoadError(f"{dir_uri}: the model manifest lists no {WEIGHTS_FILE}")
-        base = io.join(dir_uri, posixpath.dirname(weights[0]))
-    weights_uri, config_uri = io.join(base, WEIGHTS_FILE), io.join(base, CONFIG_FILE)
-    for uri in (weights_uri, config_uri):
-        if not fs.exists(io.url_to_fs(uri)[1]):
-            raise ModelLoadError(f"{uri} does not exist; train a model first (python -m jobs.train)")
-    return weights_uri, config_uri
 
 
 def _read_json(uri: str) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""Query latents from a trained graph autoencoder: context-free, or context-aware after inserting the
-query into the k-NN graph of the collection (or of one category), as in the paper's III-B2."""
+"""Query latents from a trained graph autoencoder (context-free, or context-aware after inserting the query
+into the k-NN graph of the collection or of one category, III-B2) and the latent query path built on them."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import numpy as np
 import torch
 
 from gatrep import sampling
+from gatrep.categorize import Searcher, SearchResults
 from gatrep.models.autoencoder import GraphAutoencoder
+from gatrep.vectors import PAD
 
-PAD = sampling.PAD
+SEEDS = 5  # best latent matches whose graph neighbourhoods are searched when inserting a query
 
 
 class QueryEncoder:
@@ -21,11 +23,17 @@ class QueryEncoder:
     """
 
     def __init__(self, model: GraphAutoencoder, features: np.ndarray, neighbours: np.ndarray,
-                 categories: np.ndarray | None = None) -> None:
+                 categories: np.ndarray | None = None, image_ids: np.ndarray | None = None) -> None:
         self.model = model.eval()
         self.features = features
         self.neighbours = torch.from_numpy(np.ascontiguousarray(neighbours, dtype=np.int64))
         self.categories = categories
+        ids = [] if image_ids is None else list(image_ids)
+        self.node_of = {image_id: node for node, image_id in reversed(list(enumerate(ids)))}
+
+    def nodes(self, image_ids: np.ndarray) -> np.ndarray:
+        """Graph node of each image id (PAD for None or an id not in the graph), same shape."""
+        return np.vectorize(lambda i: self.node_of.get(i, PAD), otypes=[np.int64])(image_ids)
 
     @torch.no_grad()
     def context_free(self, x: np.ndarray) -> np.ndarray:
@@ -83,3 +91,44 @@ class QueryEncoder:
                            torch.as_tensor(np.asarray(self.features[nodes.numpy()], dtype=np.float32))])
         return self.model.encode(x_all, edge_index)[:b].numpy()
 
+
+
+def search_context_aware(searcher: Searcher, encoder: QueryEncoder, x: np.ndarray, k: int, scoring: str,
+                         insert_k: int) -> SearchResults:
+    """Approach I: insert each query into the whole graph next to the nodes with the most similar features
+    around its best context-free matches, then categorize and retrieve with its context-aware latent."""
+    seeds = searcher.index.search_all(encoder.context_free(x), SEEDS)[0]
+    z1 = encoder.context_aware(x, encoder.insertion_neighbours(x, encoder.nodes(seeds), insert_k))
+    return searcher.search(z1, k, scoring)
+
+
+def search_category_aware(searcher: Searcher, encoder: QueryEncoder, x: np.ndarray, k: int, scoring: str,
+                          insert_k: int) -> SearchResults:
+    """Approach II: categorize with the context-free latent, then insert the query into the chosen
+    category's graph and retrieve inside it with the context-aware latent."""
+    z0 = encoder.context_free(x)
+    best, scores = searcher.categorize(z0, scoring, k)
+    seeds = searcher.index.retrieve_many(z0, list(best), SEEDS)[0]
+    neighbours = encoder.insertion_neighbours(x, encoder.nodes(seeds), insert_k, category=best)
+    ids, match_scores, labels = searcher.index.retrieve_many(encoder.context_aware(x, neighbours), list(best), k)
+    return SearchResults(searcher.names, best, scores.astype(np.float32), ids, match_scores, labels,
+                         np.ones(len(x), dtype=bool))
+
+
+def search_context_free(searcher: Searcher, encoder: QueryEncoder, x: np.ndarray, k: int, scoring: str,
+                        insert_k: int) -> SearchResults:
+    """Categorize and retrieve with the latent of the query seen alone (self-loops only)."""
+    return searcher.search(encoder.context_free(x), k, scoring)
+
+
+# How a query's latent is formed (`--query-latent`; config.py validates against it).
+LATENT_MODES = {"context-aware": search_context_aware, "category-aware": search_category_aware,
+                "context-free": search_context_free}
+
+
+def search(searcher: Searcher, encoder: QueryEncoder, x: np.ndarray, mode: str, k: int, scoring: str,
+           insert_k: int = 0) -> SearchResults:
+    """Categorize and retrieve the query features `x` [B, D] against latent representatives, forming the
+    query latents by `mode` (see LATENT_MODES); `insert_k` graph neighbours per inserted query, 0 = the
+    graph's k. This is the query path of the query stage and of bench/quality.py alike."""
+    return LATENT_MODES[mode](searcher, encoder, x, k, scoring, insert_k or int(encoder.neighbours.shape[1]))

@@ -3,28 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import pickle
-import posixpath
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from gatrep import index_schemas as ix
-from gatrep import io, schemas
-from gatrep.represent import BLOCK_CELLS, group_rows, import_pynndescent, normalize
+from gatrep.vectors import PAD, exact_topk, group_rows, normalise
 
-SCORINGS = ("single", "max", "mean", "knn")
 Labels = Sequence[Any] | np.ndarray  # one string (or None) per row
-VECTORS_FILE = "vectors.parquet"
-CATALOG_FILE = "catalog.parquet"
-
-
-class IndexFileError(RuntimeError):
-    """An index directory whose files are missing, do not match its catalog, or do not fit the queries."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -38,7 +24,7 @@ def queries(query_vecs: Any, dim: int) -> tuple[np.ndarray, np.ndarray]:
     if array.ndim != 2 or array.shape[1] != dim:
         raise ValueError(f"query vectors must be [B, {dim}] to match the index, got shape {array.shape}")
     ok = np.asarray(np.isfinite(array).all(axis=1), dtype=bool)
-    return normalize(np.where(ok[:, None], array, 0.0)), ok
+    return normalise(np.where(ok[:, None], array, 0.0)), ok
 
 
 def categorize(query_vecs: Any, category_reps: Any, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -47,7 +33,7 @@ def categorize(query_vecs: Any, category_reps: Any, names: Sequence[str]) -> tup
     Returns (best category name per query [B], cosine scores [B, C] in `names` order). Refuses a
     representative count that differs from the name count.
     """
-    reps = normalize(np.asarray(category_reps, dtype=np.float32))
+    reps = normalise(np.asarray(category_reps, dtype=np.float32))
     if reps.ndim != 2 or reps.shape[0] != len(names):
         raise ValueError(f"{len(names)} category names but representatives of shape {reps.shape}")
     unit, _ = queries(query_vecs, reps.shape[1])
@@ -67,7 +53,7 @@ def categorize_multi(query_vecs: Any, central: Sequence[Any], names: Sequence[st
         raise ValueError(f"reduce must be 'max' or 'mean', not {reduce!r}")
     if len(central) != len(names) or any(np.asarray(c).shape[0] == 0 for c in central):
         raise ValueError("categorize_multi needs one non-empty [m, d] matrix of representatives per category name")
-    flat = normalize(np.concatenate([np.asarray(c, dtype=np.float32) for c in central]))
+    flat = normalise(np.concatenate([np.asarray(c, dtype=np.float32) for c in central]))
     starts = np.cumsum([0] + [np.asarray(c).shape[0] for c in central[:-1]])
     unit, _ = queries(query_vecs, flat.shape[1])
     cosines = unit @ flat.T
@@ -112,27 +98,6 @@ class CategoryPart:
     ann: Any = None
 
 
-def exact_top(unit_queries: np.ndarray, unit_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact cosine top-k of every query over `unit_vectors`, in query blocks: ([B, k] rows, [B, k] scores),
-    best first, -1 / NaN padded when there are fewer than k vectors."""
-    b, n = unit_queries.shape[0], unit_vectors.shape[0]
-    width = min(k, n)
-    rows = np.full((b, k), -1, dtype=np.int64)
-    scores = np.full((b, k), np.nan, dtype=np.float32)
-    step = max(1, BLOCK_CELLS // max(n, 1))
-    for start in range(0, b, step):
-        block = unit_queries[start:start + step] @ unit_vectors.T
-        if width < n:
-            part = np.argpartition(-block, width - 1, axis=1)[:, :width]
-        else:
-            part = np.broadcast_to(np.arange(n), block.shape)
-        part_scores = np.take_along_axis(block, part, axis=1)
-        order = np.argsort(-part_scores, axis=1, kind="stable")
-        rows[start:start + step, :width] = np.take_along_axis(part, order, axis=1)
-        scores[start:start + step, :width] = np.take_along_axis(part_scores, order, axis=1)
-    return rows, scores
-
-
 class CategoryIndex:
     """One retrieval index per category: exact search for small categories, pynndescent above `ann_min_size`."""
 
@@ -150,7 +115,7 @@ class CategoryIndex:
               ann_min_size: int = 4096, n_neighbors: int = 30, seed: int = 0, epsilon: float = 0.1) -> CategoryIndex:
         """Group the rows by category and build each category's index (pynndescent when it has at least
         `ann_min_size` images, none below: exact search is as fast there). Refuses mismatched lengths."""
-        unit = normalize(np.asarray(vectors, dtype=np.float32))
+        unit = normalise(np.asarray(vectors, dtype=np.float32))
         n = unit.shape[0]
         columns = [np.asarray(c, dtype=object) if c is not None else np.full(n, None, dtype=object)
                    for c in (image_ids, categories, labels, listings)]
@@ -181,7 +146,7 @@ class CategoryIndex:
     def _rows(self, unit_queries: np.ndarray, category: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         part = self.parts[category]
         if part.ann is None or k >= part.vectors.shape[0]:
-            return exact_top(unit_queries, part.vectors, k)
+            return exact_topk(unit_queries, part.vectors, k)
         found, distances = part.ann.query(unit_queries, k=k, epsilon=self.epsilon)
         scores = np.where(found >= 0, 1.0 - distances, np.nan).astype(np.float32)
         return found.astype(np.int64), scores
@@ -222,83 +187,23 @@ class CategoryIndex:
 
     def search_all(self, query_vecs: Any, k: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The k nearest images over every category, merged from each category's top k: ([B, k] ids,
-        [B, k] cosines, [B, k] category positions in `categories`, -1 padded)."""
+        [B, k] cosines, [B, k] category positions in `categories`, PAD padded)."""
         unit, _ = queries(query_vecs, self.dim)
         all_ids, all_scores, all_cats = [], [], []
         for position, category in enumerate(self.categories):
             rows, scores = self._rows(unit, category, k)
             all_ids.append(_take(self.parts[category].ids, rows))
             all_scores.append(np.where(rows >= 0, scores, -np.inf))
-            all_cats.append(np.where(rows >= 0, position, -1))
+            all_cats.append(np.where(rows >= 0, position, PAD))
         ids, scores, cats = (np.concatenate(a, axis=1) for a in (all_ids, all_scores, all_cats))
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         best = np.take_along_axis(scores, order, axis=1)
         return (np.take_along_axis(ids, order, axis=1), np.where(np.isfinite(best), best, np.nan).astype(np.float32),
                 np.take_along_axis(cats, order, axis=1))
 
-    def save(self, dir_uri: str) -> list[str]:
-        """Write vectors.parquet, catalog.parquet and one pynndescent pickle per ANN category into `dir_uri`;
-        returns the URIs written."""
-        written = [io.write_table(self._vectors_table(), dir_uri, VECTORS_FILE)]
-        catalog: dict[str, list[Any]] = {ix.CATEGORY: [], ix.SIZE: [], ix.ANN_FILE: [], ix.ANN_SHA256: []}
-        fs, path = io.url_to_fs(dir_uri)
-        for position, category in enumerate(self.categories):
-            part = self.parts[category]
-            name = digest = None
-            if part.ann is not None:
-                name = f"ann-{position:05d}.pkl"
-                data = pickle.dumps(part.ann, protocol=pickle.HIGHEST_PROTOCOL)
-                digest = hashlib.sha256(data).hexdigest()
-                fs.pipe_file(posixpath.join(path, name), data)
-                written.append(io.join(dir_uri, name))
-            for column, value in zip(catalog, (category, part.vectors.shape[0], name, digest), strict=True):
-                catalog[column].append(value)
-        written.append(io.write_table(pa.table(catalog, schema=ix.ann_catalog()), dir_uri, CATALOG_FILE))
-        return written
-
-    def _vectors_table(self) -> pa.Table:
-        parts = [self.parts[c] for c in self.categories]
-        flat = np.concatenate([p.vectors for p in parts]).reshape(-1)
-        return pa.table({
-            ix.CATEGORY: np.concatenate([[c] * self.parts[c].vectors.shape[0] for c in self.categories]).tolist(),
-            ix.IMAGE_ID: np.concatenate([p.ids for p in parts]).tolist(),
-            ix.LISTING: np.concatenate([p.listings for p in parts]).tolist(),
-            ix.LABEL: np.concatenate([p.labels for p in parts]).tolist(),
-            ix.VECTOR: pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), self.dim),
-        }, schema=ix.ann_vectors(self.dim))
-
-    @classmethod
-    def load(cls, dir_uri: str, epsilon: float = 0.1) -> CategoryIndex:
-        """Read an index written by `save`.
-
-        Trust: the ANN files are Python pickles, and unpickling runs code. Each file's SHA-256 is checked
-        against catalog.parquet before it is unpickled, which catches partial, stale or swapped files, but
-        the catalog sits in the same directory: load indexes only from storage as trusted as the run root.
-        Raises IndexFileError naming the file when one is missing or does not match.
-        """
-        fs, path = io.url_to_fs(dir_uri)
-        catalog = _read(fs, posixpath.join(path, CATALOG_FILE), dir_uri).to_pylist()
-        table = _read(fs, posixpath.join(path, VECTORS_FILE), dir_uri)
-        dim = schemas.vector_dim(table.schema, ix.VECTOR)
-        vectors = np.asarray(table[ix.VECTOR].combine_chunks().flatten(), dtype=np.float32).reshape(-1, dim)
-        columns = {c: np.asarray(table[c].to_pylist(), dtype=object) for c in (ix.CATEGORY, ix.IMAGE_ID, ix.LISTING,
-                                                                              ix.LABEL)}
-        parts, start = {}, 0
-        for entry in catalog:
-            rows = slice(start, start + entry[ix.SIZE])
-            start += entry[ix.SIZE]
-            if not (columns[ix.CATEGORY][rows] == entry[ix.CATEGORY]).all():
-                raise IndexFileError(f"{dir_uri}: {VECTORS_FILE} rows do not match {CATALOG_FILE}; rebuild the index")
-            part = CategoryPart(columns[ix.IMAGE_ID][rows], columns[ix.LABEL][rows], columns[ix.LISTING][rows],
-                                np.ascontiguousarray(vectors[rows]))
-            if entry[ix.ANN_FILE]:
-                part.ann = _load_ann(fs, posixpath.join(path, entry[ix.ANN_FILE]), entry[ix.ANN_SHA256], dir_uri)
-            parts[entry[ix.CATEGORY]] = part
-        return cls(parts, epsilon)
-
 
 def _take(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """values[rows] with -1 rows as None."""
+    """values[rows] with PAD rows as None."""
     out = np.full(rows.shape, None, dtype=object)
     found = rows >= 0
     out[found] = values[rows[found]]
@@ -306,27 +211,11 @@ def _take(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 
 def _build_ann(unit_vectors: np.ndarray, n_neighbors: int, seed: int) -> Any:
-    nndescent = import_pynndescent()
-    ann = nndescent.NNDescent(unit_vectors, metric="cosine", n_neighbors=n_neighbors, random_state=seed)
+    import pynndescent  # numba-compiled: imported only where an index is built (gatrep/__init__ sets its cache)
+
+    ann = pynndescent.NNDescent(unit_vectors, metric="cosine", n_neighbors=n_neighbors, random_state=seed)
     ann.prepare()
     return ann
-
-
-def _read(fs: Any, path: str, dir_uri: str) -> pa.Table:
-    if not fs.exists(path):
-        raise IndexFileError(f"{dir_uri}: missing {posixpath.basename(path)}; rebuild the index with jobs.index")
-    return pq.read_table(path, filesystem=fs)
-
-
-def _load_ann(fs: Any, path: str, sha256: str | None, dir_uri: str) -> Any:
-    if not fs.exists(path):
-        raise IndexFileError(f"{dir_uri}: missing {posixpath.basename(path)}; rebuild the index with jobs.index")
-    data = fs.cat_file(path)
-    if hashlib.sha256(data).hexdigest() != sha256:
-        raise IndexFileError(f"{io.join(dir_uri, posixpath.basename(path))} does not match the SHA-256 in "
-                             f"{CATALOG_FILE}; refusing to unpickle it. Rebuild the index with jobs.index")
-    import_pynndescent()  # sets numba's cache directory before unpickling compiles the search function
-    return pickle.loads(data)  # noqa: S301 - trusted, checksummed file (see CategoryIndex.load)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,6 +244,11 @@ class SearchResults:
         return {"category": list(self.category), "category_scores": scores, "matches": matches}
 
 
+# How a category is scored (`--scoring`; config.py validates against it, Searcher.categorize dispatches on it):
+# one representative, the max / mean over the top-m most central images, or a vote of the k nearest images.
+SCORINGS = ("single", "max", "mean", "knn")
+
+
 @dataclasses.dataclass
 class Searcher:
     """Category representatives plus the per-category retrieval index: the whole query path of the paper.
@@ -372,16 +266,16 @@ class Searcher:
     def categorize(self, query_vecs: Any, scoring: str = "single", k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """(best category [B], scores [B, C]) by one representative, the max/mean over the top-m central
         ones, or a k-NN vote over the index. Refuses an unknown scoring."""
+        if scoring not in SCORINGS:
+            raise ValueError(f"unknown scoring {scoring!r}; choose one of {', '.join(SCORINGS)}")
         if scoring == "single":
             return categorize(query_vecs, self.representatives, list(self.names))
         if scoring in ("max", "mean"):
             return categorize_multi(query_vecs, self.central, list(self.names), reduce=scoring)
-        if scoring == "knn":
-            best, votes = knn_vote(query_vecs, self.index, k)
-            position = {name: i for i, name in enumerate(self.index.categories)}
-            order = [position[str(n)] for n in self.names]
-            return best, votes[:, order]
-        raise ValueError(f"unknown scoring {scoring!r}; choose one of {', '.join(SCORINGS)}")
+        best, votes = knn_vote(query_vecs, self.index, k)
+        position = {name: i for i, name in enumerate(self.index.categories)}
+        order = [position[str(n)] for n in self.names]
+        return best, votes[:, order]
 
     def search(self, query_vecs: Any, k: int = 10, scoring: str = "single") -> SearchResults:
         """Categorize every query, then retrieve its k best matches inside the chosen category."""
@@ -392,29 +286,3 @@ class Searcher:
         ids, match_scores, match_labels = self.index.retrieve_many(clean, list(best), k)
         return SearchResults(self.names, best, np.where(ok[:, None], scores, np.nan).astype(np.float32), ids,
                              match_scores, match_labels, ok)
-
-    def __call__(self, query_vecs: np.ndarray, k: int = 10, scoring: str = "single") -> dict[str, list[Any]]:
-        """The thin wrapper a Ray Data map_batches call needs: [B, D] vectors -> result columns."""
-        return self.search(query_vecs, k, scoring).columns()
-
-
-def index_table_uri(stage_uri: str, manifest: dict[str, Any], table: str) -> str:
-    """The URI of one table of a published index stage (its manifest's "tables" mapping)."""
-    tables = manifest.get("tables", {})
-    if table not in tables:
-        raise io.StageError(f"{stage_uri}: the index manifest lists no {table!r} table; rebuild it with jobs.index")
-    return io.join(stage_uri, tables[table])
-
-
-def load_searcher(stage_uri: str, epsilon: float = 0.1) -> Searcher:
-    """The Searcher of a published `index` stage; raises StageError when it is absent or incomplete."""
-    manifest = io.read_manifest(stage_uri, "index")
-    fs, _ = io.url_to_fs(stage_uri)
-    table = pq.read_table(io.url_to_fs(index_table_uri(stage_uri, manifest, "categories"))[1], filesystem=fs)
-    dim = schemas.vector_dim(table.schema, ix.REPRESENTATIVE)
-    reps = np.asarray(table[ix.REPRESENTATIVE].combine_chunks().flatten(), dtype=np.float32).reshape(-1, dim)
-    central = [np.asarray(c, dtype=np.float32).reshape(-1, dim) for c in table[ix.CENTRAL_VECTORS].to_pylist()]
-    ann_dir = posixpath.dirname(index_table_uri(stage_uri, manifest, "ann_catalog"))
-    index = CategoryIndex.load(ann_dir, epsilon)
-    names = np.asarray(table[ix.CATEGORY].to_pylist(), dtype=object)
-    return Searcher(names, reps, central, np.asarray(table[ix.LABEL].to_pylist(), dtype=object), index)

@@ -1,8 +1,10 @@
-"""The embedding stage on Ray Data: read and decode in CPU tasks, run the backbone in an actor pool."""
+"""The embed stage on Ray Data: images -> the `embeddings` stage (read and decode in CPU tasks, the backbone in
+an actor pool); also the reader of that stage's usable rows."""
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import os
 from typing import Any
@@ -13,14 +15,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from gatrep import backbones, images, io, schemas
+from gatrep import backbones, images, io, schemas, stages, vectors
 from gatrep.config import EmbedConfig, to_dict
+from gatrep.errors import UserError
+from gatrep.knn import GraphInputError
 
-STAGE = "embeddings"
+NAME = "embed"
+CONFIG = EmbedConfig
+DESCRIPTION = "Embed every image under --input into <--run>/<--stage>."
+STAGE = schemas.EMBEDDINGS
 PIXELS = "pixels"  # the preprocessed uint8 crops passed from the decode tasks to the backbone actors
 
 
-class StageMismatch(RuntimeError):
+class StageMismatch(UserError, RuntimeError):
     """An existing stage that was built with another backbone, weights or dtype."""
 
 
@@ -69,10 +76,10 @@ class Embedder:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         ok = batch[schemas.STATUS] == schemas.OK
         n, dim = len(ok), self.encoder.dim
-        vectors = np.zeros((n, dim), self.dtype)
+        features = np.zeros((n, dim), self.dtype)
         if ok.any():
-            vectors[ok] = self.encoder(batch[PIXELS][ok])
-        embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim, mask=pa.array(~ok))
+            features[ok] = self.encoder(batch[PIXELS][ok])
+        embedding = pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), dim, mask=pa.array(~ok))
         # from_pandas: Ray hands null ints back as NaN floats; this turns them into nulls again.
         columns = {f.name: pa.array(batch[f.name], type=f.type, from_pandas=True)
                    for f in self.schema if f.name != schemas.EMBEDDING}
@@ -96,8 +103,7 @@ def run(cfg: EmbedConfig) -> dict[str, Any]:
     known = _known_ids(stage_uri, previous)
     run_dir = io.new_run_dir(stage_uri)
     with io.timed(timings, "start_ray"):
-        if not ray.is_initialized():
-            ray.init()
+        stages.init_ray()
     with io.timed(timings, "embed"):
         new_files = _embed(inputs, cfg, known, run_dir)
     with io.timed(timings, "merge"):
@@ -131,7 +137,7 @@ def _known_ids(stage_uri: str, manifest: dict[str, Any] | None) -> dict[str, str
     """uri -> image_id of every previously published row that has a content hash."""
     if manifest is None:
         return {}
-    table, _ = io.read_stage(stage_uri, STAGE, columns=[schemas.URI, schemas.IMAGE_ID])
+    table, _ = io.read_table(stage_uri, STAGE, columns=[schemas.URI, schemas.IMAGE_ID])
     table = table.filter(pc.is_valid(table[schemas.IMAGE_ID]))
     return dict(zip(table[schemas.URI].to_pylist(), table[schemas.IMAGE_ID].to_pylist(), strict=True))
 
@@ -216,7 +222,7 @@ def _retain(stage_uri: str, manifest: dict[str, Any] | None, inputs: pa.Table, n
     return kept
 
 
-def summary(manifest: dict[str, Any], seconds: float | None = None) -> str:
+def summary(manifest: dict[str, Any]) -> str:
     """A few human lines: rows, ok, each failure status, reused vs newly embedded, throughput."""
     counts = manifest["counts"]
     lines = [f"embeddings: {manifest['rows']} rows, {counts.get(schemas.OK, 0)} ok, "
@@ -225,6 +231,73 @@ def summary(manifest: dict[str, Any], seconds: float | None = None) -> str:
     embed_s = manifest["timings"].get("embed", 0.0)
     if manifest["embedded"] and embed_s:
         lines.append(f"  {manifest['embedded'] / embed_s:.1f} images/s over {embed_s:.1f} s (pipeline)")
-    if seconds is not None:
-        lines.append(f"  total {seconds:.1f} s")
     return "\n".join(lines)
+
+
+def list_names() -> str:
+    """`--list`: every registered backbone with its description."""
+    return "\n".join(f"{name:14s} {backbones.get(name).description}" for name in backbones.names())
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the stage
+
+
+@dataclasses.dataclass(frozen=True)
+class Nodes:
+    """The ok rows of an embeddings stage, sorted by uri: row i is graph node i."""
+
+    image_id: np.ndarray  # object array of str
+    uri: np.ndarray
+    listing: np.ndarray
+    category: np.ndarray
+    vectors: np.ndarray  # float32 [n, d], unit rows
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def groups(self, group_by: str) -> np.ndarray:
+        """The group label of every node for `group_by` (none, listing, category); nulls become ''."""
+        if group_by == "none":
+            return np.zeros(len(self), dtype=object)
+        labels = self.listing if group_by == "listing" else self.category
+        return np.array(["" if v is None else v for v in labels], dtype=object)
+
+
+def read_nodes(embeddings_uri: str) -> tuple[Nodes, dict[str, Any]]:
+    """(Nodes, manifest) of a published embeddings stage: ok rows only, sorted by uri, vectors as float32.
+
+    Refuses (StageError) a stage without a manifest, (SchemaError) a table that is not the embeddings
+    schema, and (GraphInputError) ok rows whose vector is null, NaN/inf or all zeros, naming the uris.
+    """
+    table, manifest = io.read_table(embeddings_uri, STAGE)
+    ok = table.filter(pc.equal(table[schemas.STATUS], schemas.OK)).sort_by(schemas.URI)
+    if ok.num_rows == 0:
+        raise GraphInputError(f"{embeddings_uri}: no rows with status 'ok'; nothing to build a graph from")
+    nodes = Nodes(
+        image_id=np.array(ok[schemas.IMAGE_ID].to_pylist(), dtype=object),
+        uri=np.array(ok[schemas.URI].to_pylist(), dtype=object),
+        listing=np.array(ok[schemas.LISTING].to_pylist(), dtype=object),
+        category=np.array(ok[schemas.CATEGORY].to_pylist(), dtype=object),
+        vectors=_usable_vectors(ok, embeddings_uri),
+    )
+    return nodes, manifest
+
+
+def _usable_vectors(ok: pa.Table, where: str) -> np.ndarray:
+    column = ok[schemas.EMBEDDING].combine_chunks()
+    uris = np.asarray(ok[schemas.URI].to_pylist(), dtype=object)
+    if column.null_count:
+        bad = uris[np.asarray(column.is_null().to_pylist(), dtype=bool)]
+        raise GraphInputError(f"{where}: {len(bad)} ok rows have no embedding, e.g. {list(bad[:3])}; "
+                              "re-run the embed job")
+    unit = vectors.from_arrow(column)
+    finite = np.isfinite(unit).all(axis=1)
+    nonzero = np.abs(unit).sum(axis=1) > 0
+    for mask, what in ((finite, "NaN or infinite values"), (nonzero, "all-zero vectors")):
+        if not mask.all():
+            raise GraphInputError(
+                f"{where}: {int((~mask).sum())} ok rows have {what}, e.g. {list(uris[~mask][:3])}; "
+                "fix or re-embed those images before building the graph"
+            )
+    return unit

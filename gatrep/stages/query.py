@@ -1,4 +1,5 @@
-"""The query stage on Ray Data: embed the queries, then categorize and retrieve in an actor pool."""
+"""The query stage on Ray Data: query images (or an embeddings stage) -> the `results` stage (embed the
+queries, then categorize and retrieve in an actor pool)."""
 
 from __future__ import annotations
 
@@ -10,43 +11,60 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from gatrep import io, knn, query, schemas
+from gatrep import io, schemas, stages, vectors
 from gatrep.config import EmbedConfig, QueryConfig, from_dict, to_dict
-from gatrep.embed import embedding_dataset
-from gatrep.inference import QueryEncoder
+from gatrep.models import query_latents
+from gatrep.stages.embed import embedding_dataset, read_nodes
+from gatrep.stages.graph import read_graph
+from gatrep.stages.index import load_searcher
+from gatrep.stages.train import load_model_stage
 
-STAGE = "results"
-SEEDS = 5  # best latent matches whose graph neighbourhoods are searched when inserting a query
+NAME = "query"
+CONFIG = QueryConfig
+DESCRIPTION = "Categorize every query under --input against <--run>/<--index>."
 
 
 @dataclasses.dataclass(frozen=True)
 class IndexSources:
-    """Where an index's vectors come from: the embeddings stage (backbone) and, for latents, the model
-    and graph the latents were computed with."""
+    """The stages an index was built from, found by following its manifests' lineage: the embeddings
+    stage (whose backbone embeds the queries) and, for a latents index, the model and graph of its latents."""
 
     index: str
-    source: str  # "latents" or "embeddings"
+    source: str  # schemas.LATENTS or schemas.EMBEDDINGS
     embeddings: str
-    model: str | None
-    graph: str | None
+    model: str | None = None
+    graph: str | None = None
+
+
+def upstream_stage(run: str, manifest: dict[str, Any], name: str, stage: str) -> tuple[str, dict[str, Any]]:
+    """(URI, manifest) of the stage that `manifest` records as its upstream `name`, found under the same run
+    root. Refuses (StageError) a record that is missing or a stage republished since (the downstream stage is
+    stale and must be rebuilt)."""
+    record = manifest.get("upstream", {}).get(name)
+    if not record or "stage" not in record:
+        raise io.StageError(f"the {manifest['stage']} stage records no {name} stage it was built from; rebuild it")
+    uri = io.join(run, record["stage"])
+    upstream = io.read_manifest(uri, stage)
+    if not io.is_current(record, upstream):
+        raise io.StageError(
+            f"the {manifest['stage']} stage was built from {uri} as published {record.get('created')}, but it now "
+            f"holds the one published {upstream['created']}; rebuild the {manifest['stage']} stage")
+    return uri, upstream
 
 
 def resolve(cfg: QueryConfig) -> IndexSources:
-    """The stages behind `cfg.index`, checked to exist. Raises io.StageError naming what is missing."""
+    """The stages behind `cfg.index`, followed through the manifests and checked to be the ones it was built
+    from. Raises io.StageError naming what is missing or stale."""
     index_uri = io.join(cfg.run, cfg.index)
-    index_cfg = io.read_manifest(index_uri, "index")["config"]
-    source = index_cfg["source"]
-    if source == "embeddings":
-        sources = IndexSources(index_uri, source, io.join(cfg.run, index_cfg.get("input_stage") or "embeddings"),
-                               None, None)
-    else:
-        sources = IndexSources(index_uri, source, io.join(cfg.run, "embeddings"), io.join(cfg.run, "model"),
-                               io.join(cfg.run, "graph"))
-    io.read_manifest(sources.embeddings, "embeddings")
-    for uri, stage in ((sources.model, "model"), (sources.graph, "graph")):
-        if uri is not None:
-            io.read_manifest(uri, stage)
-    return sources
+    index_manifest = io.read_manifest(index_uri, schemas.INDEX)
+    source = index_manifest["config"]["source"]
+    source_uri, source_manifest = upstream_stage(cfg.run, index_manifest, "source", source)
+    if source == schemas.EMBEDDINGS:
+        return IndexSources(index_uri, source, source_uri)
+    model_uri, _ = upstream_stage(cfg.run, source_manifest, schemas.MODEL, schemas.MODEL)
+    graph_uri, graph_manifest = upstream_stage(cfg.run, source_manifest, schemas.GRAPH, schemas.GRAPH)
+    embeddings_uri, _ = upstream_stage(cfg.run, graph_manifest, schemas.EMBEDDINGS, schemas.EMBEDDINGS)
+    return IndexSources(index_uri, source, embeddings_uri, model_uri, graph_uri)
 
 
 class QueryMapper:
@@ -57,49 +75,27 @@ class QueryMapper:
 
         torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         self.cfg = cfg
-        self.searcher = query.load_searcher(sources.index)
-        self.encoder: QueryEncoder | None = None
-        if sources.source == "latents":
-            from gatrep.models import load_model
-
-            model, _ = load_model(str(sources.model))
+        self.searcher = load_searcher(sources.index)
+        self.encoder: query_latents.QueryEncoder | None = None
+        if sources.model is not None:
+            model, _ = load_model_stage(sources.model)
             features, neighbours, categories, image_ids = ray.get(graph_ref)
-            self.encoder = QueryEncoder(model, features, neighbours, categories)
-            self.node_of = {image_id: node for node, image_id in reversed(list(enumerate(image_ids)))}
-            self.insert_k = cfg.insert_k or neighbours.shape[1]
+            self.encoder = query_latents.QueryEncoder(model, features, neighbours, categories, image_ids)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ok = np.asarray(pc.equal(batch[schemas.STATUS], schemas.OK).to_numpy(zero_copy_only=False), dtype=bool)
-        dim = schemas.vector_dim(batch.schema, schemas.EMBEDDING)
-        x = np.zeros((batch.num_rows, dim), np.float32)
+        x = np.zeros((batch.num_rows, schemas.vector_dim(batch.schema, schemas.EMBEDDING)), np.float32)
         if ok.any():
-            embedding = batch[schemas.EMBEDDING].combine_chunks().filter(pa.array(ok))
-            x[ok] = np.asarray(embedding.flatten(), dtype=np.float32).reshape(-1, dim)
+            x[ok] = vectors.from_arrow(batch[schemas.EMBEDDING].combine_chunks().filter(pa.array(ok)))
         columns = self._search(x[ok]).columns() if ok.any() else {}
         return _results_table(batch, ok, columns)
 
-    def _search(self, x: np.ndarray) -> query.SearchResults:
-        cfg, searcher = self.cfg, self.searcher
+    def _search(self, x: np.ndarray) -> Any:
+        cfg = self.cfg
         if self.encoder is None:
-            return searcher.search(x, cfg.k, cfg.scoring)
-        z0 = self.encoder.context_free(x)
-        if cfg.query_latent == "context-free":
-            return searcher.search(z0, cfg.k, cfg.scoring)
-        if cfg.query_latent == "context-aware":  # Approach I: join the whole graph, then categorize
-            seeds = searcher.index.search_all(z0, SEEDS)[0]
-            z1 = self.encoder.context_aware(x, self.encoder.insertion_neighbours(x, self._nodes(seeds), self.insert_k))
-            return searcher.search(z1, cfg.k, cfg.scoring)
-        # Approach II: categorize context-free, then join the chosen category's graph to retrieve.
-        best, scores = searcher.categorize(z0, cfg.scoring, cfg.k)
-        seeds = searcher.index.retrieve_many(z0, list(best), SEEDS)[0]
-        neighbours = self.encoder.insertion_neighbours(x, self._nodes(seeds), self.insert_k, category=best)
-        z1 = self.encoder.context_aware(x, neighbours)
-        ids, match_scores, labels = searcher.index.retrieve_many(z1, list(best), cfg.k)
-        return query.SearchResults(searcher.names, best, scores.astype(np.float32), ids, match_scores, labels,
-                                   np.ones(len(x), dtype=bool))
-
-    def _nodes(self, image_ids: np.ndarray) -> np.ndarray:
-        return np.vectorize(lambda i: self.node_of.get(i, -1), otypes=[np.int64])(image_ids)
+            return self.searcher.search(x, cfg.k, cfg.scoring)
+        return query_latents.search(self.searcher, self.encoder, x, cfg.query_latent, cfg.k, cfg.scoring,
+                                    cfg.insert_k)
 
 
 def _results_table(batch: pa.Table, ok: np.ndarray, columns: dict[str, list[Any]]) -> pa.Table:
@@ -119,8 +115,8 @@ def _results_table(batch: pa.Table, ok: np.ndarray, columns: dict[str, list[Any]
 
 def graph_arrays(sources: IndexSources) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(features [N, D], neighbours [N, k], category [N], image_id [N]) of the indexed graph, node order."""
-    nodes, _ = knn.read_nodes(sources.embeddings)
-    graph = knn.read_graph(str(sources.graph))
+    nodes, _ = read_nodes(sources.embeddings)
+    graph = read_graph(str(sources.graph))
     if len(graph.node) != len(nodes) or not np.array_equal(graph.image_id, nodes.image_id):
         raise io.StageError(f"{sources.graph} was not built from {sources.embeddings}; rebuild the graph")
     return nodes.vectors, graph.neighbours, nodes.category, nodes.image_id
@@ -129,15 +125,15 @@ def graph_arrays(sources: IndexSources) -> tuple[np.ndarray, np.ndarray, np.ndar
 def query_dataset(cfg: QueryConfig, sources: IndexSources) -> ray.data.Dataset:
     """Embeddings rows of the queries: read from an embeddings stage, or embedded with the index's backbone."""
     try:
-        manifest = io.read_manifest(cfg.input, "embeddings")
+        manifest = io.read_manifest(cfg.input, schemas.EMBEDDINGS)
     except io.StageError:
         manifest = None
-    index_embed = from_dict(EmbedConfig, io.read_manifest(sources.embeddings, "embeddings")["config"])
+    index_embed = from_dict(EmbedConfig, io.read_manifest(sources.embeddings, schemas.EMBEDDINGS)["config"])
     if manifest is not None:
         if manifest["config"]["backbone"] != index_embed.backbone:
             raise io.StageError(f"{cfg.input} holds {manifest['config']['backbone']} embeddings, but the index "
                                 f"was built from {index_embed.backbone}; embed the queries with it")
-        return ray.data.read_parquet(io.stage_file_uris(cfg.input, manifest))
+        return ray.data.read_parquet(io.table_uris(cfg.input, manifest))
     inputs = io.discover_inputs(cfg.input)
     embed_cfg = dataclasses.replace(index_embed, input=cfg.input, run=cfg.run, device=cfg.device)
     return embedding_dataset(inputs, embed_cfg)
@@ -146,9 +142,8 @@ def query_dataset(cfg: QueryConfig, sources: IndexSources) -> ray.data.Dataset:
 def run(cfg: QueryConfig) -> dict[str, Any]:
     """Categorize and retrieve every query into `<run>/<stage>`; returns the published manifest."""
     sources = resolve(cfg)
-    if not ray.is_initialized():
-        ray.init()
-    graph_ref = ray.put(graph_arrays(sources)) if sources.source == "latents" else None
+    stages.init_ray()
+    graph_ref = ray.put(graph_arrays(sources)) if sources.model is not None else None
     timings: dict[str, float] = {}
     stage_uri = io.join(cfg.run, cfg.stage)
     run_dir = io.new_run_dir(stage_uri)
@@ -161,14 +156,15 @@ def run(cfg: QueryConfig) -> dict[str, Any]:
         ds.write_parquet(run_dir)
     files = io.list_parquet(run_dir)
     counts = io.status_counts(files)
-    return io.publish(stage_uri, STAGE, files, to_dict(cfg), {"index": sources.index}, rows=sum(counts.values()),
+    upstream = {schemas.INDEX: io.upstream_of(io.read_manifest(sources.index, schemas.INDEX), sources.index)}
+    return io.publish(stage_uri, schemas.RESULTS, files, to_dict(cfg), upstream, rows=sum(counts.values()),
                       counts=counts, method=method_name(cfg, sources), timings=timings)
 
 
 def method_name(cfg: QueryConfig, sources: IndexSources) -> str:
     """A short label for evaluation tables: index stage, scoring and (latents) how query latents are formed."""
     parts = [cfg.index, cfg.scoring]
-    if sources.source == "latents":
+    if sources.model is not None:
         parts.append(cfg.query_latent)
     return "/".join(parts)
 

@@ -1,4 +1,5 @@
-"""Training stage on Ray Train: GAT-AE with neighbour-sampled mini-batches and DDP, checkpoints, then latents."""
+"""The train stage on Ray Train: `graph` + `embeddings` -> the `model` stage (GAT-AE, neighbour-sampled
+mini-batches, DDP, checkpoints) and the `latents` stage; also the reader of a published model."""
 
 from __future__ import annotations
 
@@ -19,16 +20,24 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 
-from gatrep import io, knn, models, sampling, schemas
+from gatrep import io, models, sampling, schemas, stages, vectors
 from gatrep.config import ModelConfig, TrainConfig, to_dict
-from gatrep.models.training import train_epoch
+from gatrep.errors import UserError
+from gatrep.knn import GraphInputError
+from gatrep.models.epoch import train_epoch
+from gatrep.stages.embed import read_nodes
+from gatrep.stages.graph import read_graph
+from gatrep.vectors import PAD
 
+NAME = "train"
+CONFIG = TrainConfig
+DESCRIPTION = "Train the graph autoencoder on <--run>/graph; write model and latents."
 RUN_NAME = "train"  # Ray Train run name inside the checkpoint storage; a rerun with the same name resumes
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = schemas.METRICS_FILE
 OPTIMIZER_FILE = "optimizer.pt"
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UserError, ValueError):
     """A checkpoint in the run's storage that was written for another model config."""
 
 
@@ -54,32 +63,32 @@ def load_inputs(run: str) -> TrainInputs:
 
     Refuses (StageError / SchemaError / GraphInputError) a stage without a manifest or with the wrong
     schema, bad vectors, and a graph that was built from other embeddings than those now published."""
-    graph_uri, embeddings_uri = io.join(run, "graph"), io.join(run, "embeddings")
-    graph = knn.read_graph(graph_uri)
-    nodes, embeddings_manifest = knn.read_nodes(embeddings_uri)
-    built_from = graph.manifest.get("upstream", {}).get("embeddings", {})
-    if built_from != knn.upstream_of(embeddings_manifest, embeddings_uri) or graph.node.max() >= len(nodes):
-        raise knn.GraphInputError(
+    graph_uri, embeddings_uri = io.join(run, schemas.GRAPH), io.join(run, schemas.EMBEDDINGS)
+    graph = read_graph(graph_uri)
+    nodes, embeddings_manifest = read_nodes(embeddings_uri)
+    built_from = graph.manifest.get("upstream", {}).get(schemas.EMBEDDINGS, {})
+    if not io.is_current(built_from, embeddings_manifest) or graph.node.max() >= len(nodes):
+        raise GraphInputError(
             f"{graph_uri} was built from embeddings published {built_from.get('created')}, but {embeddings_uri} "
             f"now holds those published {embeddings_manifest['created']}; rebuild the graph "
             f"(python -m jobs.graph --run {run})")
     if not np.array_equal(nodes.image_id[graph.node], graph.image_id):
-        raise knn.GraphInputError(f"{graph_uri}: image ids differ from {embeddings_uri}; rebuild the graph")
-    padded = graph.neighbours == knn.PAD
+        raise GraphInputError(f"{graph_uri}: image ids differ from {embeddings_uri}; rebuild the graph")
+    padded = graph.neighbours == PAD
     local = np.searchsorted(graph.node, np.where(padded, graph.node[0], graph.neighbours))
     return TrainInputs(
         node=graph.node, image_id=graph.image_id, listing=nodes.listing[graph.node],
         category=nodes.category[graph.node], features=np.ascontiguousarray(nodes.vectors[graph.node]),
-        neighbours=np.where(padded, knn.PAD, local).astype(np.int64),
-        upstream={"graph": knn.upstream_of(graph.manifest, graph_uri),
-                  "embeddings": knn.upstream_of(embeddings_manifest, embeddings_uri)},
+        neighbours=np.where(padded, PAD, local).astype(np.int64),
+        upstream={schemas.GRAPH: io.upstream_of(graph.manifest, graph_uri),
+                  schemas.EMBEDDINGS: io.upstream_of(embeddings_manifest, embeddings_uri)},
     )
 
 
 def check_size(inputs: TrainInputs, cfg: TrainConfig) -> None:
     """Refuse (GraphInputError) fewer nodes than workers: each worker needs at least one seed node."""
     if len(inputs.node) < cfg.workers:
-        raise knn.GraphInputError(f"{len(inputs.node)} graph nodes cannot be shared by {cfg.workers} workers")
+        raise GraphInputError(f"{len(inputs.node)} graph nodes cannot be shared by {cfg.workers} workers")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,7 +100,7 @@ def checkpoint_storage(run: str) -> str:
 
     Absolute, since Ray Train refuses a relative path (`--run runs/demo`) as its storage_path.
     """
-    return io.full_uri(*io.url_to_fs(io.join(run, "model", "_checkpoints")))
+    return io.full_uri(*io.url_to_fs(io.join(run, schemas.MODEL, "_checkpoints")))
 
 
 def check_checkpoints(storage: str, model_cfg: ModelConfig, resume: bool) -> int:
@@ -298,10 +307,14 @@ def run(cfg: TrainConfig, fail_once: dict[str, Any] | None = None) -> dict[str, 
     timings: dict[str, float] = {}
     with io.timed(timings, "read"):
         inputs = load_inputs(cfg.run)
+    published = up_to_date(cfg, inputs)
+    if published is not None:
+        return published
     check_size(inputs, cfg)
     model_cfg = cfg.model_config(inputs.features.shape[1])
     storage = checkpoint_storage(cfg.run)
     resumed_from = check_checkpoints(storage, model_cfg, cfg.resume)
+    stages.init_ray()
     shared = share(inputs)
     with io.timed(timings, "train"):
         result = fit(cfg, shared, model_cfg, storage, fail_once)
@@ -314,18 +327,18 @@ def run(cfg: TrainConfig, fail_once: dict[str, Any] | None = None) -> dict[str, 
     with io.timed(timings, "latents"):
         latents = compute_latents(cfg, model, model_cfg, shared)
     model_manifest = _publish_model(cfg, model, model_cfg, metrics, inputs, resumed_from, timings)
-    return {"model": model_manifest, "latents": _publish_latents(cfg, inputs, latents, model_manifest)}
+    return {schemas.MODEL: model_manifest, schemas.LATENTS: _publish_latents(cfg, inputs, latents, model_manifest)}
 
 
 def _publish_model(cfg: TrainConfig, model: torch.nn.Module, model_cfg: ModelConfig, metrics: str,
                    inputs: TrainInputs, resumed_from: int, timings: dict[str, float]) -> dict[str, Any]:
-    stage = io.join(cfg.run, "model")
+    stage = io.join(cfg.run, schemas.MODEL)
     run_dir = io.new_run_dir(stage)
     history = [json.loads(line) for line in metrics.splitlines() if line.strip()]
     files = models.save_model(model, model_cfg, run_dir, extra={"epoch": history[-1]["epoch"], "train": to_dict(cfg)})
     fs, path = io.url_to_fs(run_dir)
     fs.pipe_file(posixpath.join(path, METRICS_FILE), metrics.encode())
-    return io.publish(stage, "model", [*files, io.join(run_dir, METRICS_FILE)], config=to_dict(cfg),
+    return io.publish(stage, schemas.MODEL, [*files, io.join(run_dir, METRICS_FILE)], config=to_dict(cfg),
                       upstream=inputs.upstream, rows=len(inputs.node), model=to_dict(model_cfg),
                       epochs=history[-1]["epoch"], final_loss=history[-1]["loss"], resumed_from_epoch=resumed_from,
                       timings=timings)
@@ -333,31 +346,54 @@ def _publish_model(cfg: TrainConfig, model: torch.nn.Module, model_cfg: ModelCon
 
 def _publish_latents(cfg: TrainConfig, inputs: TrainInputs, latents: np.ndarray,
                      model_manifest: dict[str, Any]) -> dict[str, Any]:
-    stage, dim = io.join(cfg.run, "latents"), latents.shape[1]
+    stage = io.join(cfg.run, schemas.LATENTS)
     table = pa.table({
         schemas.NODE: pa.array(inputs.node, pa.int64()),
         schemas.IMAGE_ID: pa.array(list(inputs.image_id), pa.string()),
         schemas.LISTING: pa.array(list(inputs.listing), pa.string()),
         schemas.CATEGORY: pa.array(list(inputs.category), pa.string()),
-        schemas.LATENT: pa.FixedSizeListArray.from_arrays(pa.array(latents.reshape(-1), pa.float32()), dim),
-    }, schema=schemas.latents(dim))
+        schemas.LATENT: vectors.to_arrow(latents),
+    }, schema=schemas.latents(latents.shape[1]))
     file_uri = io.write_table(table, io.new_run_dir(stage))
-    upstream = {"model": io.upstream_summary(model_manifest, io.join(cfg.run, "model")),
-                "graph": inputs.upstream["graph"]}
-    return io.publish(stage, "latents", [file_uri], config=to_dict(cfg), upstream=upstream, rows=len(inputs.node),
-                      mode="context-aware", latent_dim=dim)
+    return io.publish(stage, schemas.LATENTS, [file_uri], config=to_dict(cfg),
+                      upstream=latents_upstream(cfg, inputs, model_manifest), rows=len(inputs.node),
+                      mode="context-aware", latent_dim=latents.shape[1])
 
 
-def summary(manifests: dict[str, Any], seconds: float | None = None) -> str:
+def latents_upstream(cfg: TrainConfig, inputs: TrainInputs, model_manifest: dict[str, Any]) -> dict[str, Any]:
+    """The latents stage's lineage: the model it was encoded with and the graph it was encoded over."""
+    return {schemas.MODEL: io.upstream_of(model_manifest, io.join(cfg.run, schemas.MODEL)),
+            schemas.GRAPH: inputs.upstream[schemas.GRAPH]}
+
+
+def up_to_date(cfg: TrainConfig, inputs: TrainInputs) -> dict[str, Any] | None:
+    """{"model", "latents"} manifests, reused, when both were published with this config from these inputs."""
+    model = io.up_to_date(io.join(cfg.run, schemas.MODEL), schemas.MODEL, to_dict(cfg), inputs.upstream)
+    if model is None:
+        return None
+    model = {k: v for k, v in model.items() if k != "reused"}
+    latents = io.up_to_date(io.join(cfg.run, schemas.LATENTS), schemas.LATENTS, to_dict(cfg),
+                            latents_upstream(cfg, inputs, model))
+    return None if latents is None else {schemas.MODEL: {**model, "reused": True}, schemas.LATENTS: latents}
+
+
+def load_model_stage(stage_uri: str) -> tuple[models.GraphAutoencoder, ModelConfig]:
+    """The model a published model stage holds (its manifest says which run directory)."""
+    manifest = io.read_manifest(stage_uri, schemas.MODEL)
+    weights = [f for f in manifest["files"] if posixpath.basename(f) == schemas.WEIGHTS_FILE]
+    if not weights:
+        raise models.ModelLoadError(f"{stage_uri}: the model manifest lists no {schemas.WEIGHTS_FILE}")
+    return models.load_model(io.join(stage_uri, posixpath.dirname(weights[0])))
+
+
+def summary(manifests: dict[str, Any]) -> str:
     """A few lines for the console: nodes, epochs, final loss, where the model and latents are."""
-    model, latents = manifests["model"], manifests["latents"]
-    lines = [f"model: {model['model']['encoder']} autoencoder, {model['rows']} nodes, {model['epochs']} epochs, "
-             f"final loss {model['final_loss']:.6f}"
-             + (f" (resumed from epoch {model['resumed_from_epoch']})" if model["resumed_from_epoch"] else ""),
-             f"  latents: {latents['rows']} context-aware latents of {latents['latent_dim']} dims",
-             f"  timings (s): {model['timings']}"]
-    if seconds is not None:
-        lines.append(f"  total: {seconds:.1f} s")
-    return "\n".join(lines)
-
-
+    model, latents = manifests[schemas.MODEL], manifests[schemas.LATENTS]
+    return "\n".join([
+        f"model: {model['model']['encoder']} autoencoder, {model['rows']} nodes, {model['epochs']} epochs, "
+        f"final loss {model['final_loss']:.6f}"
+        + (f" (resumed from epoch {model['resumed_from_epoch']})" if model["resumed_from_epoch"] else "")
+        + (" [already published: reused]" if model.get("reused") else ""),
+        f"  latents: {latents['rows']} context-aware latents of {latents['latent_dim']} dims",
+        f"  timings (s): {model['timings']}",
+    ])

@@ -1,0 +1,104 @@
+"""Every stage in order on one input (`python -m jobs.pipeline`); without --input, the digits demo.
+
+embed -> graph -> train -> index (GAT-AE latents) and the paper's baselines (raw backbone features,
+HOG) -> embed the held-out queries -> query with every method -> evaluate (one table) -> report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from gatrep import io, schemas, stages
+from gatrep.config import (
+    EmbedConfig,
+    EvaluateConfig,
+    GraphConfig,
+    IndexConfig,
+    PipelineConfig,
+    QueryConfig,
+    ReportConfig,
+    TrainConfig,
+)
+
+NAME = "pipeline"
+CONFIG = PipelineConfig
+DESCRIPTION = __doc__
+RAW, HOG = "index-raw", "index-hog"  # the baselines' index stages
+
+
+def step(stage: str, cfg: Any) -> dict[str, Any]:
+    """Run one stage and print its summary; a user error stops the pipeline (the command line reports it)."""
+    given = [f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+             if f.default is dataclasses.MISSING or getattr(cfg, f.name) != f.default]
+    print(f"\n== {stage} {' '.join(given)}", flush=True)
+    module = stages.module(stage)
+    result = module.run(cfg)
+    print(module.summary(result), flush=True)
+    return result
+
+
+def demo_inputs(run: str) -> tuple[str, str]:
+    """Write the digits demo (80% indexed, 20% held out as queries); returns (index root, query root)."""
+    from gatrep import datasets
+
+    tree = datasets.write_digits(io.join(run, "inputs", "digits"), size=64, holdout=0.2,
+                                 query_root=io.join(run, "inputs", "digits-query"))
+    assert tree.query is not None
+    print(f"demo input: {len(tree.files)} digit images under {tree.root}; "
+          f"{len(tree.query.files)} held-out queries under {tree.query.root}")
+    return tree.root, tree.query.root
+
+
+# (index stage, category scoring, query latent): the paper's Approach II and I on the GAT-AE latents, a
+# k-NN vote over them, then the baselines on raw backbone features and on HOG.
+METHODS = [(schemas.INDEX, "single", "category-aware"), (schemas.INDEX, "single", "context-aware"),
+           (schemas.INDEX, "knn", "context-aware"), (RAW, "single", ""), (RAW, "max", ""), (RAW, "knn", "")]
+
+
+def build_indexes(cfg: PipelineConfig, source: str) -> list[tuple[str, str, str]]:
+    """embed -> graph -> train -> the GAT-AE index and the baselines' indexes; returns the methods to query."""
+    embed = EmbedConfig(input=source, run=cfg.run, backbone=cfg.backbone, weights=cfg.weights, device=cfg.device)
+    step("embed", embed)
+    step("graph", GraphConfig(run=cfg.run, k=cfg.k))
+    step("train", TrainConfig(run=cfg.run, epochs=cfg.epochs, seed=cfg.seed))
+    step("index", IndexConfig(run=cfg.run))
+    step("index", IndexConfig(run=cfg.run, source=schemas.EMBEDDINGS, stage=RAW))
+    if not cfg.hog:
+        return METHODS
+    step("embed", EmbedConfig(input=source, run=cfg.run, backbone="hog", stage="embeddings-hog"))
+    step("index", IndexConfig(run=cfg.run, source=schemas.EMBEDDINGS, input_stage="embeddings-hog", stage=HOG))
+    return [*METHODS, (HOG, "single", "")]
+
+
+def query_all(cfg: PipelineConfig, queries: str, methods: list[tuple[str, str, str]]) -> list[str]:
+    """Embed the queries once per backbone, then query every method; returns the results stages."""
+    step("embed", EmbedConfig(input=queries, run=cfg.run, backbone=cfg.backbone, weights=cfg.weights,
+                              device=cfg.device, stage="query-embeddings"))
+    if cfg.hog:
+        step("embed", EmbedConfig(input=queries, run=cfg.run, backbone="hog", stage="query-embeddings-hog"))
+    results = []
+    for index, scoring, latent in methods:
+        stage = "-".join([schemas.RESULTS, index, scoring, *([latent] if latent else [])])
+        query_input = io.join(cfg.run, "query-embeddings-hog" if index == HOG else "query-embeddings")
+        query = QueryConfig(run=cfg.run, input=query_input, index=index, scoring=scoring, k=cfg.k, stage=stage)
+        step("query", dataclasses.replace(query, query_latent=latent) if latent else query)
+        results.append(stage)
+    return results
+
+
+def run(cfg: PipelineConfig) -> dict[str, Any]:
+    """Run every stage; returns {"run": the run root, "evaluation": the evaluation manifest or None}."""
+    source, queries = (cfg.input, cfg.queries) if cfg.input else demo_inputs(cfg.run)
+    methods = build_indexes(cfg, source)
+    evaluation = None
+    if queries:
+        results = query_all(cfg, queries, methods)
+        evaluation = step("evaluate", EvaluateConfig(run=cfg.run, results=tuple(results), k=cfg.k))
+    step("report", ReportConfig(run=cfg.run))
+    return {"run": cfg.run, "evaluation": evaluation}
+
+
+def summary(result: dict[str, Any]) -> str:
+    """Where the stages are (each stage printed its own summary, the evaluation its table)."""
+    return f"\npipeline finished; stages under {result['run']}"

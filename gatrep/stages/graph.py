@@ -1,0 +1,143 @@
+"""The graph stage: the `embeddings` stage -> a cosine k-NN `graph` stage (pynndescent, optional mutual k-NN)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from gatrep import io, knn, schemas, vectors
+from gatrep.config import GraphConfig, to_dict
+from gatrep.knn import GraphInputError
+from gatrep.stages.embed import Nodes, read_nodes
+from gatrep.vectors import PAD
+
+NAME = schemas.GRAPH
+CONFIG = GraphConfig
+DESCRIPTION = "Build the k-NN graph of <--run>/embeddings into <--run>/graph."
+
+
+@dataclasses.dataclass(frozen=True)
+class Graph:
+    """A published graph stage: node ids, neighbours [n, k] (PAD where none), cosine similarities [n, k]."""
+
+    node: np.ndarray  # int64 [n], sorted
+    image_id: np.ndarray
+    neighbours: np.ndarray  # int64 [n, k]
+    similarities: np.ndarray  # float32 [n, k]
+    manifest: dict[str, Any]
+
+    @property
+    def k(self) -> int:
+        """Neighbour slots per node."""
+        return int(self.neighbours.shape[1])
+
+
+def read_graph(graph_uri: str) -> Graph:
+    """The published graph stage at `graph_uri`, sorted by node.
+
+    Refuses (StageError) a stage without a manifest, (SchemaError) a table that is not `schemas.graph(k)`,
+    and (GraphInputError) duplicate nodes or neighbour ids that are not nodes of the graph.
+    """
+    table, manifest = io.read_table(graph_uri, schemas.GRAPH)
+    table = table.sort_by(schemas.NODE)
+    node = table[schemas.NODE].to_numpy()
+    neighbours = vectors.from_arrow(table[schemas.NEIGHBOURS], np.int64)
+    similarities = vectors.from_arrow(table[schemas.SIMILARITIES])
+    if len(np.unique(node)) != len(node):
+        raise GraphInputError(f"{graph_uri}: node ids repeat; rebuild the graph with jobs.graph")
+    used = neighbours[neighbours != PAD]
+    if len(used) and not np.isin(used, node).all():
+        raise GraphInputError(f"{graph_uri}: neighbours name ids that are not nodes of the graph; rebuild it")
+    image_id = np.array(table[schemas.IMAGE_ID].to_pylist(), dtype=object)
+    return Graph(node=node, image_id=image_id, neighbours=neighbours, similarities=similarities, manifest=manifest)
+
+
+def graph_table(node_ids: np.ndarray, image_ids: np.ndarray, neighbours: np.ndarray,
+                similarities: np.ndarray) -> pa.Table:
+    """The `schemas.graph(k)` table of the given rows."""
+    return pa.table({
+        schemas.NODE: pa.array(node_ids, type=pa.int64()),
+        schemas.IMAGE_ID: pa.array(list(image_ids), type=pa.string()),
+        schemas.NEIGHBOURS: vectors.to_arrow(neighbours.astype(np.int64)),
+        schemas.SIMILARITIES: vectors.to_arrow(similarities),
+    }, schema=schemas.graph(neighbours.shape[1]))
+
+
+def run(cfg: GraphConfig) -> dict[str, Any]:
+    """Build and publish `<run>/graph` from `<run>/embeddings`; returns the manifest.
+
+    Everything is checked before anything is written: a missing or malformed embeddings stage, bad
+    vectors, an unknown --only group, or fewer than k + 1 nodes raise and leave the graph stage as it
+    was. A rerun with the same config over the same embeddings returns the published manifest as is.
+    """
+    embeddings_uri, stage_uri = io.join(cfg.run, schemas.EMBEDDINGS), io.join(cfg.run, NAME)
+    timings: dict[str, float] = {}
+    with io.timed(timings, "read"):
+        nodes, embeddings_manifest = read_nodes(embeddings_uri)
+    upstream = {schemas.EMBEDDINGS: io.upstream_of(embeddings_manifest, embeddings_uri)}
+    previous = io.up_to_date(stage_uri, NAME, to_dict(cfg), upstream)
+    if previous is not None:
+        return previous
+    selected = _select(nodes, cfg, embeddings_uri)
+    unit, groups = nodes.vectors[selected], nodes.groups(cfg.group_by)[selected]
+    check_size(len(selected), cfg, embeddings_uri)
+    with io.timed(timings, "build"):
+        neighbours, similarities, counts = knn.grouped_knn(
+            unit, groups, cfg.k, cfg.exact_below, metric=cfg.metric, n_jobs=cfg.n_jobs, seed=cfg.seed,
+            build_k=cfg.build_k)
+    with io.timed(timings, "recall"):
+        recall = knn.recall_at_k(unit, neighbours, groups, cfg.recall_sample, cfg.seed)
+    counts["edges_knn"] = int((neighbours != PAD).sum())
+    if cfg.mutual:
+        neighbours, similarities = knn.mutual_knn(neighbours, similarities)
+    counts.update(nodes=len(selected), edges=int((neighbours != PAD).sum()),
+                  nodes_without_neighbours=int((neighbours == PAD).all(axis=1).sum()))
+    global_ids = np.where(neighbours == PAD, PAD, selected[np.where(neighbours == PAD, 0, neighbours)])
+    table = graph_table(selected, nodes.image_id[selected], global_ids, similarities)
+    with io.timed(timings, "write"):
+        file_uri = io.write_table(table, io.new_run_dir(stage_uri))
+    return io.publish(
+        stage_uri, NAME, [file_uri], config=to_dict(cfg), upstream=upstream, rows=len(selected),
+        k=cfg.k, metric=cfg.metric, mutual=cfg.mutual, group_by=cfg.group_by, only=cfg.only,
+        recall={"k": cfg.k, "value": recall, "sample": min(cfg.recall_sample, len(selected)),
+                "measured": "before the mutual filter" if cfg.mutual else "on the published neighbours"},
+        counts=counts, timings=timings,
+    )
+
+
+def check_size(n: int, cfg: GraphConfig, embeddings_uri: str) -> None:
+    """Refuse fewer than k + 1 nodes in the collection (or the --only group)."""
+    knn.check_size(n, cfg.k, embeddings_uri if cfg.only is None else f"{cfg.group_by} {cfg.only!r}")
+
+
+def _select(nodes: Nodes, cfg: GraphConfig, where: str) -> np.ndarray:
+    """Node ids the graph covers: all, or those of the --only group (refused by name when it has none)."""
+    if cfg.only is None:
+        return np.arange(len(nodes))
+    groups = nodes.groups(cfg.group_by)
+    selected = np.flatnonzero(groups == cfg.only)
+    if len(selected) == 0:
+        known = sorted(set(groups.tolist()))
+        raise GraphInputError(
+            f"{where}: no ok rows with {cfg.group_by} {cfg.only!r}; known: {', '.join(map(repr, known[:10]))}"
+            + (" ..." if len(known) > 10 else ""))
+    return selected
+
+
+def summary(manifest: dict[str, Any]) -> str:
+    """A few lines for the console: nodes, edges, recall, timings."""
+    counts, recall = manifest["counts"], manifest["recall"]
+    value = recall["value"] if recall["value"] is None else round(recall["value"], 4)
+    return "\n".join([
+        f"graph: {counts['nodes']} nodes, k={manifest['k']} ({manifest['metric']}, group_by={manifest['group_by']}"
+        + (f", only={manifest['only']!r}" if manifest.get("only") else "")
+        + (", mutual" if manifest["mutual"] else "") + ")",
+        f"  edges: {counts['edges']} (k-NN {counts['edges_knn']}); nodes without neighbours: "
+        f"{counts['nodes_without_neighbours']}; groups: {counts['groups']} "
+        f"({counts['exact_groups']} exact, {counts['approximate_groups']} pynndescent)",
+        f"  recall@{recall['k']}: {value} on {recall['sample']} nodes ({recall['measured']})",
+        f"  timings (s): {manifest['timings']}" + (" [already published: reused]" if manifest.get("reused") else ""),
+    ])
