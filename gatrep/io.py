@@ -152,6 +152,15 @@ def read_manifest(stage_uri: str, expect_stage: str | None = None) -> dict[str, 
     return manifest
 
 
+def looks_like_stage(uri: str) -> bool:
+    """Whether `uri` is a stage directory, published (it has a manifest) or not (it has `run-*` folders)."""
+    fs, path = url_to_fs(uri)
+    if not fs.isdir(path):
+        return False
+    names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
+    return MANIFEST in names or any(name.startswith("run-") for name in names)
+
+
 def stage_file_uris(stage_uri: str, manifest: dict[str, Any]) -> list[str]:
     """Every file a manifest publishes, as full URIs."""
     return [join(stage_uri, f) for f in manifest["files"]]

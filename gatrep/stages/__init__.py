@@ -28,3 +28,18 @@ def init_ray() -> None:
 
     if not ray.is_initialized():
         ray.init()
+
+
+def fit_cpus(actors: int, actor_cpus: float, task_cpus: float) -> tuple[float, float]:
+    """CPU requests for `actors` actors of `actor_cpus` each beside tasks of `task_cpus`, scaled down together
+    when the Ray instance has fewer CPUs than that (a laptop, a 1- or 2-CPU node): Ray Data starts its actors
+    first, and an actor or task that asks for more than is left waits forever. A cluster that shows no CPUs
+    yet (an autoscaler starting from zero) gets them unscaled. Returns (CPUs per actor, CPUs per task)."""
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 0))
+    need = actors * actor_cpus + task_cpus
+    if total <= 0 or need <= total:
+        return actor_cpus, task_cpus
+    scale = total / need
+    return round(actor_cpus * scale, 3), round(task_cpus * scale, 3)

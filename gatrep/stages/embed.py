@@ -7,6 +7,7 @@ import collections
 import dataclasses
 import functools
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ import pyarrow.parquet as pq
 import ray
 
 from gatrep import backbones, images, io, schemas, stages, vectors
-from gatrep.config import EmbedConfig, to_dict
+from gatrep.config import ConfigError, EmbedConfig, to_dict
 from gatrep.errors import UserError
 from gatrep.knn import GraphInputError
 
@@ -159,24 +160,34 @@ def embedding_dataset(inputs: pa.Table, cfg: EmbedConfig, known: dict[str, str] 
     # Decode tasks ask for half a CPU, the actors for one: besides packing two decoders beside each
     # actor, unequal resources stop Ray Data from fusing decoding into the actor, which would
     # serialise it with the forward pass.
+    # On an instance with fewer CPUs both shrink together, so that an actor never waits for a CPU.
+    actor_cpus, decode_cpus = stages.fit_cpus(actors, 1.0, 0.5)
     prepare = functools.partial(prepare_batch, backbone=cfg.backbone, max_pixels=cfg.max_pixels,
                                 max_bytes=cfg.max_bytes, known=known or {})
-    ds = ds.map_batches(prepare, batch_size=None, batch_format="numpy", num_cpus=0.5)
+    ds = ds.map_batches(prepare, batch_size=None, batch_format="numpy", num_cpus=decode_cpus)
     return ds.map_batches(
         Embedder, batch_size=cfg.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
-        num_gpus=1 if gpus else 0, num_cpus=1,
+        num_gpus=1 if gpus else 0, num_cpus=actor_cpus,
         fn_constructor_kwargs={"backbone": cfg.backbone, "weights": cfg.weights, "dtype": cfg.dtype,
                                "threads": cfg.threads_per_actor or _cpus_per_actor(actors)},
     )
 
 
 def _gpus(cfg: EmbedConfig) -> int:
-    """How many GPU actors to ask for. With --device cuda at least one, even when the cluster has
-    none yet: the request is what makes an autoscaler start a GPU node."""
+    """How many GPU actors to ask for. With --device cuda at least one, even when the cluster has none yet:
+    on a cluster (RAY_ADDRESS set, as `ray job submit` does) the request is what makes an autoscaler start a
+    GPU node, and the job says it waits for one; a local instance without a GPU is refused at once
+    (ConfigError), since nothing could ever add one."""
     if cfg.device == "cpu":
         return 0
     gpus = int(ray.cluster_resources().get("GPU", 0))
+    if cfg.device == "cuda" and gpus == 0:
+        if not os.environ.get("RAY_ADDRESS"):
+            raise ConfigError("--device cuda: this local Ray instance has no GPU and no autoscaler can add one; "
+                              "use --device auto or --device cpu, or submit to a cluster with GPU nodes")
+        print("--device cuda: the cluster has no GPU yet; the job waits until its autoscaler adds a GPU node "
+              "(stop it with `ray job stop`, or run with --device auto)", file=sys.stderr, flush=True)
     return max(gpus, 1) if cfg.device == "cuda" else gpus
 
 

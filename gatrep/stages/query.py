@@ -14,7 +14,8 @@ import ray
 from gatrep import io, schemas, stages, vectors
 from gatrep.config import EmbedConfig, QueryConfig, from_dict, to_dict
 from gatrep.models import query_latents
-from gatrep.stages.embed import embedding_dataset, read_nodes
+from gatrep.stages import embed
+from gatrep.stages.embed import read_nodes
 from gatrep.stages.graph import read_graph
 from gatrep.stages.index import load_searcher
 from gatrep.stages.train import load_model_stage
@@ -122,41 +123,47 @@ def graph_arrays(sources: IndexSources) -> tuple[np.ndarray, np.ndarray, np.ndar
     return nodes.vectors, graph.neighbours, nodes.category, nodes.image_id
 
 
-def query_dataset(cfg: QueryConfig, sources: IndexSources) -> ray.data.Dataset:
-    """Embeddings rows of the queries: read from an embeddings stage, or embedded with the index's backbone."""
-    try:
-        manifest = io.read_manifest(cfg.input, schemas.EMBEDDINGS)
-    except io.StageError:
-        manifest = None
+def query_embeddings(cfg: QueryConfig, sources: IndexSources) -> str:
+    """The embeddings stage of the queries: --input itself when it is one, else the embed stage run first over
+    the query images (with the index's backbone) into `<run>/<stage>-embeddings`, so that embedding and
+    querying never compete for the same CPUs. A folder that looks like a stage (a manifest, or `run-*`
+    folders) is read as one or refused, never taken for images. Refuses queries embedded with another
+    backbone."""
     index_embed = from_dict(EmbedConfig, io.read_manifest(sources.embeddings, schemas.EMBEDDINGS)["config"])
-    if manifest is not None:
+    if io.looks_like_stage(cfg.input):
+        manifest = io.read_manifest(cfg.input, schemas.EMBEDDINGS)
         if manifest["config"]["backbone"] != index_embed.backbone:
             raise io.StageError(f"{cfg.input} holds {manifest['config']['backbone']} embeddings, but the index "
                                 f"was built from {index_embed.backbone}; embed the queries with it")
-        return ray.data.read_parquet(io.table_uris(cfg.input, manifest))
-    inputs = io.discover_inputs(cfg.input)
-    embed_cfg = dataclasses.replace(index_embed, input=cfg.input, run=cfg.run, device=cfg.device)
-    return embedding_dataset(inputs, embed_cfg)
+        return cfg.input
+    stage = f"{cfg.stage}-embeddings"
+    embed_cfg = dataclasses.replace(index_embed, input=cfg.input, run=cfg.run, stage=stage, device=cfg.device)
+    print(embed.summary(embed.run(embed_cfg)), flush=True)
+    return io.join(cfg.run, stage)
 
 
 def run(cfg: QueryConfig) -> dict[str, Any]:
     """Categorize and retrieve every query into `<run>/<stage>`; returns the published manifest."""
     sources = resolve(cfg)
     stages.init_ray()
+    queries_uri = query_embeddings(cfg, sources)
+    queries_manifest = io.read_manifest(queries_uri, schemas.EMBEDDINGS)
     graph_ref = ray.put(graph_arrays(sources)) if sources.model is not None else None
     timings: dict[str, float] = {}
     stage_uri = io.join(cfg.run, cfg.stage)
     run_dir = io.new_run_dir(stage_uri)
+    mapper_cpus, read_cpus = stages.fit_cpus(cfg.actors, 1.0, 0.5)
     with io.timed(timings, "query"):
-        ds = query_dataset(cfg, sources).map_batches(
+        ds = ray.data.read_parquet(io.table_uris(queries_uri, queries_manifest), num_cpus=read_cpus)
+        ds.map_batches(
             QueryMapper, batch_size=cfg.batch_size, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_cpus=1,
+            compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_cpus=mapper_cpus,
             fn_constructor_kwargs={"sources": sources, "cfg": cfg, "graph_ref": graph_ref},
-        )
-        ds.write_parquet(run_dir)
+        ).write_parquet(run_dir)
     files = io.list_parquet(run_dir)
     counts = io.status_counts(files)
-    upstream = {schemas.INDEX: io.upstream_of(io.read_manifest(sources.index, schemas.INDEX), sources.index)}
+    upstream = {schemas.INDEX: io.upstream_of(io.read_manifest(sources.index, schemas.INDEX), sources.index),
+                "queries": io.upstream_of(queries_manifest, queries_uri)}
     return io.publish(stage_uri, schemas.RESULTS, files, to_dict(cfg), upstream, rows=sum(counts.values()),
                       counts=counts, method=method_name(cfg, sources), timings=timings)
 

@@ -1,0 +1,122 @@
+"""The query stage on a local 2-CPU Ray: raw query images finish (no CPU deadlock), stage folders are read as
+stages or refused, and requests that can never be met fail at once."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gatrep import cli, io, schemas, stages
+
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("local_ray")]
+
+COLOURS = {"red": (200, 30, 30), "blue": (30, 30, 200)}
+
+
+def write_tree(root: Path, per_category: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    for name, colour in COLOURS.items():
+        for i in range(per_category):
+            path = root / name / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pixels = np.clip(np.array(colour) + rng.normal(0, 30, (16, 16, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(path)
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A run root with a raw-feature index of 40 images (tiny-random backbone)."""
+    root = tmp_path_factory.mktemp("q")
+    images = write_tree(root / "images", 20, seed=0)
+    run = str(root / "run")
+    assert cli.run_job("embed", ["--input", str(images), "--run", run, "--backbone", "tiny-random",
+                                 "--weights", "random"]) == 0
+    assert cli.run_job("index", ["--run", run, "--source", "embeddings", "--stage", "index-raw"]) == 0
+    return run
+
+
+@pytest.fixture
+def deadline() -> Iterator[None]:
+    """Turn a hang into a failure: SIGALRM after 240 s raises in the test."""
+    def expire(*_: object) -> None:
+        raise TimeoutError("the query job did not finish in 240 s: a resource deadlock?")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(240)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_raw_query_images_are_embedded_then_queried_on_two_cpus(run: str, tmp_path: Path, deadline: None) -> None:
+    queries = write_tree(tmp_path / "queries", 3, seed=1)
+    (queries / "red" / "notes.png").write_text("not a picture")
+    assert cli.run_job("query", ["--run", run, "--input", str(queries), "--index", "index-raw", "--k", "3"]) == 0
+    table, manifest = io.read_table(io.join(run, "results"), schemas.RESULTS)
+    assert table.num_rows == 7 and manifest["counts"] == {"not_an_image": 1, "ok": 6}
+    ok = [r for r in table.to_pylist() if r["status"] == "ok"]
+    assert all(r["category"] == r["label"] for r in ok), "colour alone separates these"
+    assert manifest["upstream"]["queries"]["stage"] == "results-embeddings"
+    io.read_manifest(io.join(run, "results-embeddings"), schemas.EMBEDDINGS)  # published, reusable
+
+
+def test_a_stage_folder_is_read_as_a_stage_or_refused(run: str, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    broken = tmp_path / "query-embeddings"
+    (broken / "run-x").mkdir(parents=True)
+    argv = ["--run", run, "--input", str(broken), "--index", "index-raw", "--stage", "results-broken"]
+    assert cli.run_job("query", argv) == 2
+    assert "no _manifest.json" in capsys.readouterr().err
+    (broken / io.MANIFEST).write_text("{not json")
+    assert cli.run_job("query", argv) == 2
+    assert "is not valid JSON" in capsys.readouterr().err
+    assert not (Path(run) / "results-broken").exists()
+
+
+def test_device_cuda_without_a_gpu_fails_at_once_on_a_local_instance(run: str, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    images = write_tree(tmp_path / "more", 1, seed=2)
+    argv = ["--input", str(images), "--run", str(tmp_path / "r"), "--backbone", "tiny-random", "--device", "cuda"]
+    assert cli.run_job("embed", argv) == 2
+    assert "--device cuda: this local Ray instance has no GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("cpus", "expected"), [
+    (1, (0.4, 0.2)),     # 2 actors of 1 CPU and a 0.5 task do not fit: everything shrinks together
+    (2, (0.8, 0.4)),
+    (4, (1.0, 0.5)),     # room enough: unchanged
+    (0, (1.0, 0.5)),     # an autoscaling cluster with no CPUs yet: ask for the real amount
+])
+def test_cpu_requests_fit_the_instance_that_exists(monkeypatch: pytest.MonkeyPatch, cpus: int,
+                                                   expected: tuple[float, float]) -> None:
+    import ray
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": float(cpus)} if cpus else {})
+    actor, task = stages.fit_cpus(2, 1.0, 0.5)
+    assert (actor, task) == expected
+    assert cpus == 0 or 2 * actor + task <= cpus
+
+
+def test_query_follows_lineage_and_refuses_a_stale_index(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    images = write_tree(tmp_path / "images", 4, seed=3)
+    run = str(tmp_path / "run")
+    embed = ["--input", str(images), "--run", run, "--backbone", "tiny-random"]
+    assert cli.run_job("embed", embed) == 0
+    assert cli.run_job("index", ["--run", run, "--source", "embeddings", "--stage", "index-raw"]) == 0
+    manifest = json.loads((Path(run) / "index-raw" / io.MANIFEST).read_text())
+    assert manifest["upstream"]["source"]["stage"] == "embeddings"
+    Image.new("RGB", (16, 16), (10, 200, 10)).save(images / "red" / "0.png")  # a changed image: new embeddings
+    assert cli.run_job("embed", embed) == 0
+    capsys.readouterr()
+    query = ["--run", run, "--input", io.join(run, "embeddings"), "--index", "index-raw"]
+    assert cli.run_job("query", query) == 2
+    assert "rebuild the index stage" in capsys.readouterr().err
