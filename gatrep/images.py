@@ -6,23 +6,33 @@ import dataclasses
 import hashlib
 import io
 import math
+import os
 import warnings
+from typing import Any
 
 import fsspec
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from gatrep import io as gio
 from gatrep import schemas
 
 # Formats decoded. Anything else Pillow recognises (EPS, PDF, PSD, ICNS, ...) is refused by name.
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "AVIF"})
 
-# Image formats Pillow cannot identify but that are clearly images: refused as unsupported, not
-# as "not an image". Checked against the first bytes of the file.
+# Formats Pillow cannot identify but that are clearly images or documents gatrep could be asked to
+# embed: refused as unsupported, not as "not an image". Checked against the first bytes of the file.
 _SIGNATURES = (
-    (lambda head: head[4:12] in (b"ftypheic", b"ftypheix", b"ftypheif", b"ftypmif1", b"ftyphevc"), "HEIC/HEIF"),
-    (lambda head: head.startswith(b"\xff\x0a") or head[4:8] == b"JXL ", "JPEG XL"),
-    (lambda head: b"<svg" in head[:512].lower(), "SVG"),
+    (lambda head: head[4:12] in (b"ftypheic", b"ftypheix", b"ftypheif", b"ftypmif1", b"ftyphevc"), "HEIC/HEIF images"),
+    (lambda head: head.startswith(b"\xff\x0a") or head[4:8] == b"JXL ", "JPEG XL images"),
+    (lambda head: b"<svg" in head[:512].lower(), "SVG images"),
+    (lambda head: head.startswith(b"%PDF-"), "PDF documents"),
+)
+# Signatures of formats Pillow decodes: bytes that start like one but that Pillow cannot open are a
+# truncated or corrupt image, not "not an image".
+_DECODED_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+    (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
 )
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey image
@@ -61,21 +71,45 @@ class _Refused(Exception):
         self.status = status
 
 
+def describe(data: bytes) -> str:
+    """What the first bytes say about a file that is not an image, without quoting its content (it may be a
+    secret listed by mistake): text or binary, and at most a 4-byte hex signature of binary data."""
+    try:
+        text = data[:512].decode("utf-8")
+    except UnicodeDecodeError:
+        text = "\x00"
+    if all(c.isprintable() or c.isspace() for c in text):
+        return f"{len(data)} bytes of text"
+    return f"{len(data)} bytes of binary data starting 0x{data[:4].hex()}"
+
+
 def content_id(data: bytes) -> str:
     """The image_id of a file: a 128-bit BLAKE2b hash of its bytes, as hex."""
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def read_file(uri: str, max_bytes: int) -> tuple[bytes | None, Decoded | None]:
-    """(bytes, None), or (None, a refusal) when the URI cannot be read or is over `max_bytes`."""
+    """(bytes, None), or (None, a refusal) when the URI cannot be read or is over `max_bytes`.
+
+    A URI without a protocol is a local path and is opened as one: fsspec would read `::` in a file
+    name as URL chaining. A local name that io.discover_inputs escaped (not valid UTF-8) is opened by
+    its original bytes."""
     try:
-        with fsspec.open(uri, "rb") as f:
+        with _open(uri) as f:
             data = f.read(max_bytes + 1)
     except Exception as err:  # any backend error: missing file, permissions, network
         return None, Decoded(schemas.UNREADABLE, f"could not read {uri}: {type(err).__name__}: {err}")
     if len(data) > max_bytes:
         return None, Decoded(schemas.TOO_LARGE, f"file is larger than the {max_bytes}-byte limit")
     return data, None
+
+
+def _open(uri: str) -> Any:
+    if "://" in uri:
+        return fsspec.open(uri, "rb")
+    if not os.path.exists(uri) and "\\x" in uri:
+        return open(gio.unescape_path(uri), "rb")
+    return open(uri, "rb")
 
 
 def decode(data: bytes, prep: Preprocess, max_pixels: int) -> Decoded:
@@ -115,8 +149,12 @@ def _identify(data: bytes, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError:
         for matches, name in _SIGNATURES:
             if matches(data[:512]):
-                raise _Refused(schemas.UNSUPPORTED_FORMAT, f"{name} images are not supported") from None
-        raise _Refused(schemas.NOT_AN_IMAGE, f"no image format recognised; file starts {data[:16]!r}") from None
+                raise _Refused(schemas.UNSUPPORTED_FORMAT, f"{name} are not supported") from None
+        for signature, name in _DECODED_SIGNATURES:
+            if data.startswith(signature) and (name != "BMP" or len(data) >= 14):
+                raise _Refused(schemas.TRUNCATED, f"starts like a {name} image but its header or data is "
+                                                  f"cut short or corrupt ({len(data)} bytes)") from None
+        raise _Refused(schemas.NOT_AN_IMAGE, f"no image format recognised ({describe(data)})") from None
     if image.format not in SUPPORTED_FORMATS:
         raise _Refused(schemas.UNSUPPORTED_FORMAT,
                        f"{image.format} images are not supported (supported: {', '.join(sorted(SUPPORTED_FORMATS))})")

@@ -6,7 +6,10 @@ import collections
 import contextlib
 import datetime
 import json
+import os
 import posixpath
+import re
+import socket
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -23,6 +26,7 @@ from gatrep import schemas
 from gatrep.errors import UserError
 
 MANIFEST = "_manifest.json"
+LOCK = "_lock.json"
 MANIFEST_SUFFIXES = (".parquet", ".csv")
 
 
@@ -75,13 +79,17 @@ def discover_inputs(uri: str) -> pa.Table:
 
 
 def _walk_tree(fs: fsspec.AbstractFileSystem, root: str, uri: str) -> pa.Table:
+    if looks_like_stage(uri):
+        raise InputError(f"input {uri!r} is a gatrep stage directory, not an image tree; give the images' folder")
     uris, listings, categories = [], [], []
     for path in sorted(fs.find(root)):
         parts = posixpath.relpath(path, root).split("/")
-        if any(p.startswith((".", "_")) for p in parts):
-            continue  # hidden files, and gatrep's own _manifest.json if pointed at a stage
+        if any(p.startswith(".") for p in parts):
+            continue  # hidden files and folders (.DS_Store, .git): the only files a tree walk skips
         category = parts[0] if len(parts) > 1 else None
         listing = f"{parts[0]}/{parts[1]}" if len(parts) > 2 else category
+        if isinstance(fs, LocalFileSystem):
+            category, listing, path = (None if v is None else escape_path(v) for v in (category, listing, path))
         uris.append(full_uri(fs, path))
         listings.append(listing)
         categories.append(category)
@@ -153,12 +161,22 @@ def read_manifest(stage_uri: str, expect_stage: str | None = None) -> dict[str, 
 
 
 def looks_like_stage(uri: str) -> bool:
-    """Whether `uri` is a stage directory, published (it has a manifest) or not (it has `run-*` folders)."""
+    """Whether `uri` is a stage directory, published (it has a manifest) or not (`run-*` folders of Parquet)."""
     fs, path = url_to_fs(uri)
     if not fs.isdir(path):
         return False
-    names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
-    return MANIFEST in names or any(name.startswith("run-") for name in names)
+    return bool(fs.exists(posixpath.join(path, MANIFEST)) or fs.glob(posixpath.join(path, "run-*", "*.parquet")))
+
+
+def escape_path(path: str) -> str:
+    """A local path as text that Arrow can store: bytes that are not UTF-8 (os.fsdecode's surrogates) become
+    `\\xNN`; valid names are unchanged."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def unescape_path(path: str) -> bytes:
+    """The original bytes of a local path written by `escape_path`."""
+    return re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m.group(1), 16)]), path.encode("utf-8"))
 
 
 def stage_file_uris(stage_uri: str, manifest: dict[str, Any]) -> list[str]:
@@ -274,13 +292,18 @@ def write_table(table: pa.Table, dir_uri: str, name: str = "part-00000.parquet")
 
 def publish(stage_uri: str, stage: str, files: Iterable[str], config: dict[str, Any],
             upstream: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
-    """Write the stage's manifest last, making `files` (URIs inside the stage) its content.
+    """Write the stage's manifest last, making `files` (URIs inside the stage) its content. Call it holding
+    the stage's lock (`stage_lock`).
 
-    On a local filesystem the manifest is written beside and renamed into place; on object stores
-    a single PUT is already atomic. Data directories no longer listed are removed afterwards.
+    On a local filesystem the manifest is written beside and renamed into place; on object stores a single
+    PUT is already atomic. The run folders the previous manifest listed and this one does not are kept for
+    one more publish (recorded as "retired"), so a reader that started on the previous version can finish;
+    folders retired by an earlier publish, and those of crashed runs, are removed. Read a stage through its
+    manifest, never by listing its folder.
     """
     fs, path = url_to_fs(stage_uri)
     relative = [posixpath.relpath(url_to_fs(f)[1], path) for f in files]
+    previous = _previous_run_dirs(stage_uri)
     manifest = {
         "stage": stage,
         "schema_version": schemas.SCHEMA_VERSION,
@@ -288,11 +311,86 @@ def publish(stage_uri: str, stage: str, files: Iterable[str], config: dict[str, 
         "config": config,
         "upstream": upstream or {},
         "files": relative,
+        "retired": sorted(previous - _run_dirs(relative)),
         **extra,
     }
     write_atomic(join(stage_uri, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
-    _remove_unlisted(fs, path, relative)
+    _remove_unlisted(fs, path, _run_dirs(relative) | set(manifest["retired"]))
     return manifest
+
+
+def _run_dirs(files: Iterable[str]) -> set[str]:
+    return {f.split("/")[0] for f in files if f.startswith("run-")}
+
+
+def _previous_run_dirs(stage_uri: str) -> set[str]:
+    """The run folders the published manifest lists (none when there is no readable manifest)."""
+    try:
+        return _run_dirs(read_manifest(stage_uri)["files"])
+    except StageError:
+        return set()
+
+
+@contextlib.contextmanager
+def stage_lock(stage_uri: str) -> Iterator[None]:
+    """Hold `<stage>/_lock.json` while a job writes the stage: a second job on the same stage refuses at once
+    (StageError, naming the holder) instead of racing it. A lock left by a process that died on this host is
+    taken over. On a local filesystem the lock is created atomically (O_EXCL); object stores have no
+    create-if-absent in fsspec, so there two jobs started within the same second can both get it."""
+    fs, path = url_to_fs(stage_uri)
+    lock = posixpath.join(path, LOCK)
+    existed = fs.exists(path)
+    fs.makedirs(path, exist_ok=True)
+    holder = {"host": socket.gethostname(), "pid": os.getpid(),
+              "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if not _create_exclusive(fs, lock, json.dumps(holder).encode()):
+        other = _read_lock(fs, lock)
+        if not _dead_here(other):
+            raise StageError(f"{stage_uri} is being written by another job (pid {other.get('pid')} on "
+                             f"{other.get('host')} since {other.get('since')}); wait for it to finish, or delete "
+                             f"{join(stage_uri, LOCK)} if that job is gone")
+        fs.pipe_file(lock, json.dumps(holder).encode())  # a dead process's lock: take it over
+    try:
+        yield
+    finally:
+        fs.rm_file(lock)
+        if not existed and not fs.ls(path, detail=False):
+            fs.rmdir(path)  # a refused first run leaves no empty stage folder behind
+
+
+def _create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    if isinstance(fs, LocalFileSystem):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    if fs.exists(path):
+        return False
+    fs.pipe_file(path, data)
+    return True
+
+
+def _read_lock(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:
+    try:
+        return dict(json.loads(fs.cat_file(path)))
+    except (OSError, ValueError):
+        return {}
+
+
+def _dead_here(holder: dict[str, Any]) -> bool:
+    """Whether a lock's holder was a process on this host that no longer runs."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def write_atomic(uri: str, data: bytes) -> None:
@@ -311,9 +409,8 @@ def write_atomic(uri: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
-def _remove_unlisted(fs: fsspec.AbstractFileSystem, path: str, keep: list[str]) -> None:
-    """Delete run directories of earlier or crashed runs that the manifest no longer lists."""
-    kept_dirs = {k.split("/")[0] for k in keep}
+def _remove_unlisted(fs: fsspec.AbstractFileSystem, path: str, kept_dirs: set[str]) -> None:
+    """Delete the run directories not in `kept_dirs`: retired an earlier publish ago, or of crashed runs."""
     for entry in fs.ls(path, detail=False):
         name = posixpath.basename(entry.rstrip("/"))
         if name.startswith("run-") and name not in kept_dirs:

@@ -62,7 +62,11 @@ UNSUPPORTED_FORMAT = "unsupported_format"  # an image format gatrep does not dec
 TRUNCATED = "truncated"  # a recognised image whose data ends early or is corrupt
 TOO_LARGE = "too_large"  # over the configured pixel or byte limit (decompression bombs)
 DECODE_ERROR = "decode_error"  # anything else the decoder raised
-STATUSES = (OK, UNREADABLE, EMPTY, NOT_AN_IMAGE, UNSUPPORTED_FORMAT, TRUNCATED, TOO_LARGE, DECODE_ERROR)
+BLANK = "blank"  # decoded, but the backbone gave an all-zero or non-finite vector (HOG of a uniform image)
+STATUSES = (OK, UNREADABLE, EMPTY, NOT_AN_IMAGE, UNSUPPORTED_FORMAT, TRUNCATED, TOO_LARGE, DECODE_ERROR, BLANK)
+# Statuses that depend only on a file's bytes (and the backbone): a rerun keeps them for an unchanged file.
+# The others (too_large: the limits; decode_error, unreadable: may be passing) are tried again.
+FINAL_STATUSES = (OK, EMPTY, NOT_AN_IMAGE, UNSUPPORTED_FORMAT, TRUNCATED, BLANK)
 
 # ----------------------------------------------------------------------------------------------
 # Table schemas

@@ -68,6 +68,17 @@ def test_explicit_weights_file_is_loaded(tmp_path):
     assert not np.allclose(loaded, default)
 
 
+def test_a_file_that_is_not_weights_is_a_clear_error(tmp_path):
+    from gatrep.backbones.torch_encoder import BadWeights
+
+    (tmp_path / "notes.pth").write_text("these are not weights")
+    with pytest.raises(BadWeights, match="notes.pth is not a weights file"):
+        backbones.get("tiny-random").load(str(tmp_path / "notes.pth"), "cpu")
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
+    with pytest.raises(BadWeights, match="other.pth is not a tiny-random checkpoint"):
+        backbones.get("tiny-random").load(str(tmp_path / "other.pth"), "cpu")
+
+
 def test_mobilenet_v2_loads_the_installed_imagenet_file():
     """The registered backbone, as the embed job loads it: with its 'default' weights, no download."""
     encoder = backbones.get("mobilenet_v2").load("default", "cpu")

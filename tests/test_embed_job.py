@@ -86,16 +86,20 @@ def test_every_file_gets_one_row_and_a_rerun_reuses_them(tree, tmp_path, capsys)
                                   "unsupported_format": 1}
     assert manifest["config"]["backbone"] == "tiny-random" and manifest["dim"] == 32
 
-    # Rerun: nothing new is read, and the table is the same.
+    # Rerun: only the file refused under a limit is read again; nothing changed, so nothing is published.
+    published = (out / "embeddings" / io.MANIFEST).read_bytes()
     again = embed.run(config(tree, out))
-    assert (again["embedded"], again["reused"]) == (0, 41)
+    assert again["unchanged"] is True and (out / "embeddings" / io.MANIFEST).read_bytes() == published
     assert read(out)[0].equals(table)
+    # A larger pixel limit reconsiders the image refused as too large under the old one.
+    bigger = embed.run(config(tree, out, max_pixels=30_000_000))
+    assert bigger["embedded"] == 1 and bigger["counts"]["ok"] == 37 and "too_large" not in bigger["counts"]
 
     # A new image is the only one embedded; a changed one is re-embedded; a removed one disappears.
     save(tree, "dogs/new.png", Image.new("RGB", (30, 30), (1, 2, 3)), "PNG")
     save(tree, "dogs/20.png", Image.new("RGB", (30, 30), (9, 9, 9)), "PNG")
     (tree / "dogs/21.png").unlink()
-    third = embed.run(config(tree, out))
+    third = embed.run(config(tree, out, max_pixels=30_000_000))
     assert (third["embedded"], third["rows"]) == (2, 41)
     updated, _ = read(out)
     uris = updated["uri"].to_pylist()
@@ -125,11 +129,14 @@ def test_a_crash_leaves_the_published_stage_untouched(tree, tmp_path, monkeypatc
     with pytest.raises(RuntimeError, match="node lost"):
         embed.run(config(tree, out))
     assert json.loads((stage / io.MANIFEST).read_text()) == before
-    assert len([p for p in stage.iterdir() if p.name.startswith("run-")]) == 2  # the crashed run's files
+    run_dirs = lambda: {p.name for p in stage.iterdir() if p.name.startswith("run-")}  # noqa: E731
+    crashed = run_dirs() - {f.split("/")[0] for f in before["files"]}
+    assert len(crashed) == 1  # the crashed run's files ...
     assert read(out)[0].num_rows == 41  # ... are not visible
+    assert not (stage / io.LOCK).exists(), "the crashed job released the stage's lock"
     monkeypatch.undo()
     assert embed.run(config(tree, out))["rows"] == 42
-    assert len([p for p in stage.iterdir() if p.name.startswith("run-")]) == 2  # crashed files cleaned up
+    assert not crashed & run_dirs(), "the next publish removed the crashed run's folder"
 
 
 def test_input_and_stage_errors_are_one_line(tree, tmp_path, capsys):
@@ -146,3 +153,40 @@ def test_input_and_stage_errors_are_one_line(tree, tmp_path, capsys):
     # Nothing was written by the refused runs.
     assert [f.name for f in (out / "embeddings").iterdir()].count(io.MANIFEST) == 1
     assert pq.read_metadata(io.list_parquet(str(out / "embeddings"))[0]).num_rows > 0
+
+
+def test_blank_images_get_their_own_status_and_stay_out_of_the_graph(tmp_path, capsys):
+    root = tmp_path / "images"
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        save(root, f"a/{i}.png", Image.fromarray(rng.integers(0, 255, (32, 32), np.uint8)), "PNG")
+    save(root, "a/blank.png", Image.new("L", (32, 32), 128), "PNG")  # HOG of a uniform image: all zeros
+    run = tmp_path / "run"
+    assert cli.run_job("embed", ["--input", str(root), "--run", str(run), "--backbone", "hog"]) == 0
+    table, manifest = read(run)
+    blank = table.filter(np.array(table["uri"].to_pylist()) == str(root / "a/blank.png")).to_pylist()[0]
+    assert blank["status"] == schemas.BLANK and blank["embedding"] is None and "all-zero" in blank["error"]
+    assert manifest["counts"] == {"blank": 1, "ok": 4}
+    assert cli.run_job("graph", ["--run", str(run), "--k", "2"]) == 0
+    assert io.read_table(str(run / "graph"), "graph")[0].num_rows == 4
+
+
+def test_nothing_published_when_no_file_is_an_image(tmp_path, capsys):
+    root = tmp_path / "images"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "notes.jpg").write_text("not a picture")
+    run = tmp_path / "run"
+    assert cli.run_job("embed", ["--input", str(root), "--run", str(run), "--backbone", "tiny-random"]) == 2
+    assert "none of the 1 files under" in capsys.readouterr().err
+    assert not (run / "embeddings" / io.MANIFEST).exists()
+
+
+def test_an_unreadable_previous_manifest_is_refused_not_rebuilt_over(tree, tmp_path, capsys):
+    out = tmp_path / "run"
+    embed.run(config(tree, out))
+    (out / "embeddings" / io.MANIFEST).write_text("{truncated")
+    files = sorted(p.name for p in (out / "embeddings").iterdir())
+    argv = ["--input", str(tree), "--run", str(out), "--backbone", "tiny-random"]
+    assert cli.run_job("embed", argv) == 2
+    assert "is not valid JSON" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "embeddings").iterdir()) == files  # the old data is still there

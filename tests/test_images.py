@@ -46,6 +46,9 @@ def decode(data: bytes, prep=PREP, limit=LIMIT) -> images.Decoded:
          "HEIC/HEIF images are not supported"),
         (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", schemas.UNSUPPORTED_FORMAT,
          "EPS images are not supported"),
+        (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj", schemas.UNSUPPORTED_FORMAT, "PDF documents are not supported"),
+        (b"\x89PNG\r\n\x1a\n", schemas.TRUNCATED, "starts like a PNG image but its header or data is cut short"),
+        (b"\xff\xd8\xff\xe0\x00\x10JF", schemas.TRUNCATED, "truncated or corrupt image data"),
     ],
 )
 def test_bad_bytes_get_a_status_and_message(data, status, message):
@@ -69,6 +72,14 @@ def test_pixel_limit_refuses_decompression_bombs_before_decoding():
     assert result.status == schemas.TOO_LARGE
     assert result.error == "3000x2000 = 6000000 pixels is over the 5000000-pixel limit"
     assert decode(data, limit=6_000_000).status == schemas.OK
+
+
+def test_messages_never_quote_a_file_that_is_not_an_image():
+    secret = decode(b"TOKEN=ghp_abcdefghijklmnopqrstuvwxyz0123456789\n")
+    assert secret.status == schemas.NOT_AN_IMAGE and "ghp_" not in secret.error and "TOKEN" not in secret.error
+    assert secret.error == "no image format recognised (47 bytes of text)"
+    binary = decode(b"\x00\x01\x02\x03\x04secret-binary")
+    assert binary.error == "no image format recognised (18 bytes of binary data starting 0x00010203)"
 
 
 def test_missing_uri_is_unreadable(tmp_path):

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gatrep import io, schemas
+from gatrep import images, io, schemas
 
 
 def touch(root, *paths):
@@ -20,17 +22,40 @@ def touch(root, *paths):
 
 def test_tree_with_and_without_listings(tmp_path):
     touch(tmp_path, "shirts/l1/a.jpg", "shirts/l1/b.jpg", "shirts/l2/c.jpg", "pants/d.jpg", ".DS_Store",
-          "pants/.hidden.jpg", "notes.txt")
+          "pants/.hidden.jpg", ".git/HEAD", "notes.txt", "pants/_DSC0001.JPG", "_drafts/e.jpg")
     table = io.discover_inputs(str(tmp_path))
     rows = {r["uri"].removeprefix(str(tmp_path) + "/"): (r["listing"], r["category"]) for r in table.to_pylist()}
     assert rows == {
         "notes.txt": (None, None),
+        "_drafts/e.jpg": ("_drafts", "_drafts"),  # only hidden (dot) files are skipped
+        "pants/_DSC0001.JPG": ("pants", "pants"),
         "pants/d.jpg": ("pants", "pants"),  # <root>/<category>/<image>: the category is the listing
         "shirts/l1/a.jpg": ("shirts/l1", "shirts"),
         "shirts/l1/b.jpg": ("shirts/l1", "shirts"),
         "shirts/l2/c.jpg": ("shirts/l2", "shirts"),
     }
     assert table.schema.equals(schemas.INPUTS)
+
+
+def test_odd_file_names_each_get_a_row_that_can_be_read(tmp_path):
+    """`::` is not URL chaining in a local name, and a name that is not UTF-8 is escaped, not a crash."""
+    odd = [b"cats/a::b.jpg", b"cats/caf\xe9.jpg", b"cats/plain.jpg"]
+    for name in odd:
+        path = os.path.join(os.fsencode(tmp_path), name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(name)
+    uris = io.discover_inputs(str(tmp_path))["uri"].to_pylist()
+    assert [u.removeprefix(str(tmp_path) + "/") for u in uris] == ["cats/a::b.jpg", "cats/caf\\xe9.jpg",
+                                                                    "cats/plain.jpg"]
+    assert [images.read_file(u, 100)[0] for u in uris] == odd
+
+
+def test_a_stage_directory_is_not_an_image_tree(tmp_path):
+    stage = tmp_path / "embeddings"
+    io.publish(str(stage), "embeddings", [], {})
+    with pytest.raises(io.InputError, match="is a gatrep stage directory, not an image tree"):
+        io.discover_inputs(str(stage))
 
 
 def test_file_uri_is_accepted(tmp_path):
@@ -85,8 +110,12 @@ def _graph(nodes: list[int]) -> pa.Table:
                     schema=schemas.graph(1))
 
 
-def test_stage_is_invisible_until_published_and_old_runs_are_removed(tmp_path):
+def test_stage_is_invisible_until_published_and_old_runs_are_retired_then_removed(tmp_path):
     stage = str(tmp_path / "graph")
+
+    def run_dirs() -> list[str]:
+        return sorted(p.name for p in (tmp_path / "graph").iterdir() if p.name.startswith("run-"))
+
     first = io.write_table(_graph([1, 2]), io.new_run_dir(stage))
     with pytest.raises(io.StageError, match="has no _manifest.json"):
         io.read_table(stage, "graph")
@@ -94,13 +123,30 @@ def test_stage_is_invisible_until_published_and_old_runs_are_removed(tmp_path):
     assert io.read_table(stage, "graph")[0][schemas.NODE].to_pylist() == [1, 2]
     second = io.write_table(_graph([3]), io.new_run_dir(stage))
     orphan = io.write_table(_graph([9]), io.new_run_dir(stage))  # a crashed run's files
-    io.publish(stage, "graph", [second], {"k": 1}, rows=1)
-    table, manifest = io.read_table(stage, "graph")
-    assert table[schemas.NODE].to_pylist() == [3]
-    assert manifest["config"] == {"k": 1} and manifest["rows"] == 1
-    assert sorted(p.name for p in (tmp_path / "graph").iterdir() if p.name.startswith("run-")) == [
-        second.split("/")[-2]]
+    manifest = io.publish(stage, "graph", [second], {"k": 1}, rows=1)
+    table, _ = io.read_table(stage, "graph")
+    assert table[schemas.NODE].to_pylist() == [3] and manifest["rows"] == 1
+    name = lambda uri: uri.split("/")[-2]  # noqa: E731
+    # The first version stays for readers that started on it; the crashed run's folder is gone.
+    assert manifest["retired"] == [name(first)] and run_dirs() == sorted([name(first), name(second)])
     assert orphan not in io.list_parquet(stage)
+    third = io.write_table(_graph([4]), io.new_run_dir(stage))
+    io.publish(stage, "graph", [third], {"k": 1}, rows=1)
+    assert run_dirs() == sorted([name(second), name(third)])
+
+
+def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(tmp_path):
+    stage = str(tmp_path / "embeddings")
+    refused = pytest.raises(io.StageError, match=r"is being written by another job \(pid \d+ on ")
+    with io.stage_lock(stage), refused, io.stage_lock(stage):
+        pass
+    assert not (tmp_path / "embeddings").exists(), "a lock that published nothing leaves no folder"
+    (tmp_path / "embeddings").mkdir()
+    dead = {"host": socket.gethostname(), "pid": 2**22 + 12345, "since": "2026-01-01T00:00:00+00:00"}
+    (tmp_path / "embeddings" / io.LOCK).write_text(json.dumps(dead))
+    with io.stage_lock(stage):
+        assert json.loads((tmp_path / "embeddings" / io.LOCK).read_text())["pid"] == os.getpid()
+    assert not (tmp_path / "embeddings" / io.LOCK).exists()
 
 
 def test_readers_check_every_table_against_the_data_contract(tmp_path):

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -71,6 +73,7 @@ def test_a_stage_folder_is_read_as_a_stage_or_refused(run: str, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture) -> None:
     broken = tmp_path / "query-embeddings"
     (broken / "run-x").mkdir(parents=True)
+    pq.write_table(pa.table({"uri": ["a.png"]}), broken / "run-x" / "part-0.parquet")  # written, never published
     argv = ["--run", run, "--input", str(broken), "--index", "index-raw", "--stage", "results-broken"]
     assert cli.run_job("query", argv) == 2
     assert "no _manifest.json" in capsys.readouterr().err

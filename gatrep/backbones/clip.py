@@ -5,7 +5,7 @@ from __future__ import annotations
 from PIL import Image
 
 from gatrep.backbones import Backbone, Encoder, register, weights
-from gatrep.backbones.torch_encoder import TorchEncoder
+from gatrep.backbones.torch_encoder import BadWeights, TorchEncoder
 from gatrep.images import Preprocess
 
 # open_clip's 'openai' ViT-B-32 weights: its Hugging Face mirror, and the original file name that
@@ -24,9 +24,13 @@ def _load(weights_spec: str, device: str) -> Encoder:
 
     path = weights.resolve("clip-vit-b32", weights_spec, _SOURCE)
     torch.manual_seed(0)
-    model = open_clip.create_model(
-        "ViT-B-32", pretrained=str(path) if path else None, force_quick_gelu=True,  # openai weights use QuickGELU
-    )
+    model = open_clip.create_model("ViT-B-32", force_quick_gelu=True)  # openai weights use QuickGELU
+    if path is not None:
+        # open_clip's own loader (it also adapts OpenAI's TorchScript and older checkpoints to the model)
+        try:
+            open_clip.load_checkpoint(model, str(path))
+        except Exception as err:  # open_clip and torch raise many types for a file that is not a checkpoint
+            raise BadWeights(f"{path} is not a ViT-B-32 checkpoint ({type(err).__name__}: {str(err)[:300]})") from err
     return TorchEncoder(model.visual, 512, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD, device)
 
 

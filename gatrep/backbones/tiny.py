@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from gatrep.backbones import Backbone, Encoder, register
-from gatrep.backbones.torch_encoder import IMAGENET_MEAN, IMAGENET_STD, TorchEncoder, load_state_dict
+from gatrep.backbones.torch_encoder import IMAGENET_MEAN, IMAGENET_STD, TorchEncoder, load_into
 from gatrep.images import Preprocess
 
 _DIM = 32
@@ -23,7 +23,7 @@ def _load(weights_spec: str, device: str) -> Encoder:
     torch.manual_seed(0)  # the same random weights in every process
     model = _net()
     if weights_spec not in ("default", "random"):
-        model.load_state_dict(load_state_dict(weights_spec))
+        load_into(model, weights_spec, "tiny-random")
     return TorchEncoder(model, _DIM, IMAGENET_MEAN, IMAGENET_STD, device)
 
 

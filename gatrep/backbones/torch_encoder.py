@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from gatrep.errors import UserError
 from gatrep.vectors import normalise
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -34,11 +35,31 @@ class TorchEncoder:
         return normalise(features.float().cpu().numpy())
 
 
-def load_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """A checkpoint's tensors, read safely (`weights_only=True`, or safetensors)."""
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
+class BadWeights(UserError, ValueError):
+    """A weights file that is not a checkpoint of tensors, or not one of this backbone."""
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+def load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors, read safely (`weights_only=True`, or safetensors). Refuses (BadWeights) a file
+    that is not a checkpoint."""
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch and safetensors raise many types (pickle, zip, header errors) for a bad file
+        raise BadWeights(f"{path} is not a weights file ({type(err).__name__}: {err}"[:300] + "); pass a "
+                         "torchvision/open_clip checkpoint (.pth, .pt, .bin or .safetensors)") from err
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BadWeights(f"{path} holds no mapping of tensor names to tensors; it is not a weights file")
+    return state
+
+
+def load_into(model: torch.nn.Module, path: str, backbone: str) -> None:
+    """Load a checkpoint into `model`; refuses (BadWeights) one of another architecture, naming the backbone."""
+    try:
+        model.load_state_dict(load_state_dict(path))
+    except RuntimeError as err:  # missing or unexpected keys, wrong shapes
+        raise BadWeights(f"{path} is not a {backbone} checkpoint: {str(err)[:300]}") from err

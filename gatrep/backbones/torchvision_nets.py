@@ -9,7 +9,7 @@ import torchvision
 from PIL import Image
 
 from gatrep.backbones import Backbone, Encoder, register, weights
-from gatrep.backbones.torch_encoder import IMAGENET_MEAN, IMAGENET_STD, TorchEncoder, load_state_dict
+from gatrep.backbones.torch_encoder import IMAGENET_MEAN, IMAGENET_STD, TorchEncoder, load_into
 from gatrep.images import Preprocess
 
 _TORCHVISION = Preprocess(size=224, crop_fraction=224 / 256, resample=Image.Resampling.BILINEAR)
@@ -22,7 +22,7 @@ def _loader(name: str, make: Callable[[], torch.nn.Module], head: str, dim: int,
         torch.manual_seed(0)  # random weights (tests) are the same in every actor
         model = make()
         if path is not None:
-            model.load_state_dict(load_state_dict(str(path)))
+            load_into(model, str(path), name)
         setattr(model, head, torch.nn.Identity())  # features, not ImageNet logits
         return TorchEncoder(model, dim, IMAGENET_MEAN, IMAGENET_STD, device)
 

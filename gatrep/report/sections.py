@@ -34,6 +34,7 @@ STATUS_MEANING = {
     schemas.TRUNCATED: "data ends early or is corrupt",
     schemas.TOO_LARGE: "over the pixel or byte limit",
     schemas.DECODE_ERROR: "anything else the decoder raised",
+    schemas.BLANK: "an all-zero vector (a blank image): left out of the graph",
 }
 
 

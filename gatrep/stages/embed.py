@@ -80,6 +80,7 @@ class Embedder:
         features = np.zeros((n, dim), self.dtype)
         if ok.any():
             features[ok] = self.encoder(batch[PIXELS][ok])
+        ok = mark_blank(batch, features, ok)
         embedding = pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), dim, mask=pa.array(~ok))
         # from_pandas: Ray hands null ints back as NaN floats; this turns them into nulls again.
         columns = {f.name: pa.array(batch[f.name], type=f.type, from_pandas=True)
@@ -87,44 +88,94 @@ class Embedder:
         return pa.table({**columns, schemas.EMBEDDING: embedding}, schema=self.schema)
 
 
+def mark_blank(batch: dict[str, np.ndarray], features: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """Give status `blank` to ok rows whose vector is all zeros or not finite (HOG of a blank image): a vector
+    with no direction has no cosine with anything and must not enter a graph. Returns the new ok mask."""
+    usable = np.isfinite(features).all(axis=1) & (np.abs(features).sum(axis=1) > 0)
+    blank = ok & ~usable
+    if blank.any():
+        batch[schemas.STATUS] = np.where(blank, schemas.BLANK, batch[schemas.STATUS])
+        batch[schemas.ERROR] = np.where(blank, "the backbone gave an all-zero or non-finite vector (a blank "
+                                               "or uniform image?); it is left out of the graph", batch[schemas.ERROR])
+    return ok & usable
+
+
 def run(cfg: EmbedConfig) -> dict[str, Any]:
     """Embed every input file of `cfg.input` into `<cfg.run>/<cfg.stage>` and publish it.
 
-    Rows already in a published stage with the same uri and content hash are kept, not re-embedded.
-    Returns the manifest. Raises io.InputError for a bad input, StageMismatch when the existing stage
-    was built with another backbone, and WeightsNotFound (before any work) when weights are missing.
+    Rows already in a published stage with the same uri and content hash are kept, not re-embedded, unless
+    their status could change on a rerun (too_large under new limits, decode_error, unreadable). A rerun
+    that changes nothing publishes nothing and returns the published manifest with "unchanged". Returns the
+    manifest. Raises io.InputError for a bad input or when no file at all could be embedded (nothing is
+    published), StageMismatch when the existing stage was built with another backbone, io.StageError when
+    its manifest is unreadable, and WeightsNotFound (before any work) when weights are missing.
     """
     backbone = backbones.get(cfg.backbone)
     backbone.load(cfg.weights, "cpu")  # fail fast on missing weights, before Ray starts any work
-    stage_uri = io.join(cfg.run, cfg.stage)
-    timings: dict[str, float] = {}
-    with io.timed(timings, "discover"):
-        inputs = io.discover_inputs(cfg.input)
-    previous = _previous_stage(stage_uri, cfg)
-    known = _known_ids(stage_uri, previous)
-    run_dir = io.new_run_dir(stage_uri)
-    with io.timed(timings, "start_ray"):
-        stages.init_ray()
-    with io.timed(timings, "embed"):
-        new_files = _embed(inputs, cfg, known, run_dir)
-    with io.timed(timings, "merge"):
-        new_uris = {u for f in new_files for u in io.read_column(f, schemas.URI)}
-        kept_files = _retain(stage_uri, previous, inputs, new_uris, run_dir)
-    files = kept_files + new_files
-    counts = io.status_counts(files)
-    return io.publish(
-        stage_uri, STAGE, files, to_dict(cfg), dim=backbone.dim, dtype=cfg.dtype, normalised=True,
-        rows=sum(counts.values()), counts=counts, embedded=len(new_uris), reused=sum(counts.values()) - len(new_uris),
-        timings=timings,
-    )
+    with io.stage_lock(io.join(cfg.run, cfg.stage)):
+        stage_uri = io.join(cfg.run, cfg.stage)
+        timings: dict[str, float] = {}
+        with io.timed(timings, "discover"):
+            inputs = io.discover_inputs(cfg.input)
+        previous = _previous_stage(stage_uri, cfg)
+        known = _known_ids(stage_uri, previous)
+        run_dir = io.new_run_dir(stage_uri)
+        with io.timed(timings, "start_ray"):
+            stages.init_ray()
+        with io.timed(timings, "embed"):
+            new_files = _embed(inputs, cfg, known, run_dir)
+        with io.timed(timings, "merge"):
+            new_uris = {u for f in new_files for u in io.read_column(f, schemas.URI)}
+            kept_files = _retain(stage_uri, previous, inputs, new_uris, run_dir)
+        files = kept_files + new_files
+        counts = io.status_counts(files)
+        if previous is not None and _unchanged(stage_uri, previous, cfg, files):
+            _discard(run_dir)
+            return {**previous, "unchanged": True}
+        if not counts.get(schemas.OK):
+            _discard(run_dir)
+            raise io.InputError(f"none of the {sum(counts.values())} files under {cfg.input} could be embedded "
+                                f"({', '.join(f'{n} {s}' for s, n in counts.items())}); nothing was published")
+        return io.publish(
+            stage_uri, STAGE, files, to_dict(cfg), dim=backbone.dim, dtype=cfg.dtype, normalised=True,
+            rows=sum(counts.values()), counts=counts, embedded=len(new_uris),
+            reused=sum(counts.values()) - len(new_uris),
+            timings=timings,
+        )
+
+
+def _unchanged(stage_uri: str, previous: dict[str, Any], cfg: EmbedConfig, files: list[str]) -> bool:
+    """Whether this run's rows say what the published ones say: same config, same files with the same content
+    hash, status, error, listing and category (a file refused again the same way changes nothing; an ok row
+    is only re-embedded when its content changed)."""
+    return previous["config"] == to_dict(cfg) and _rows(files) == _rows(io.stage_file_uris(stage_uri, previous))
+
+
+def _rows(files: list[str]) -> dict[str, tuple[Any, ...]]:
+    """uri -> (image_id, status, error, listing, category) over embeddings files."""
+    columns = [schemas.URI, schemas.IMAGE_ID, schemas.STATUS, schemas.ERROR, schemas.LISTING, schemas.CATEGORY]
+    rows: dict[str, tuple[Any, ...]] = {}
+    for file_uri in files:
+        fs, path = io.url_to_fs(file_uri)
+        table = pq.read_table(path, filesystem=fs, columns=columns)
+        rows.update((r[0], r[1:]) for r in zip(*(table[c].to_pylist() for c in columns), strict=True))
+    return rows
+
+
+def _discard(run_dir: str) -> None:
+    """Remove this run's own folder (it is not published)."""
+    fs, path = io.url_to_fs(run_dir)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
 
 
 def _previous_stage(stage_uri: str, cfg: EmbedConfig) -> dict[str, Any] | None:
-    """The manifest of an earlier run of this stage, if it was built compatibly; else StageMismatch."""
-    try:
-        manifest = io.read_manifest(stage_uri, STAGE)
-    except io.StageError:
+    """The manifest of an earlier run of this stage (None when there is none), if it was built compatibly;
+    else StageMismatch. An unreadable manifest is refused (io.StageError), never taken for no stage: that
+    would rebuild everything and delete the old data."""
+    if not io.stage_exists(stage_uri):
         return None
+    manifest = io.read_manifest(stage_uri, STAGE)
     for key in ("backbone", "weights", "dtype"):
         if manifest["config"].get(key) != getattr(cfg, key):
             raise StageMismatch(
@@ -135,11 +186,13 @@ def _previous_stage(stage_uri: str, cfg: EmbedConfig) -> dict[str, Any] | None:
 
 
 def _known_ids(stage_uri: str, manifest: dict[str, Any] | None) -> dict[str, str]:
-    """uri -> image_id of every previously published row that has a content hash."""
+    """uri -> image_id of every previously published row whose status a rerun would not change
+    (schemas.FINAL_STATUSES): those files are skipped when their content is unchanged."""
     if manifest is None:
         return {}
-    table, _ = io.read_table(stage_uri, STAGE, columns=[schemas.URI, schemas.IMAGE_ID])
-    table = table.filter(pc.is_valid(table[schemas.IMAGE_ID]))
+    table, _ = io.read_table(stage_uri, STAGE, columns=[schemas.URI, schemas.IMAGE_ID, schemas.STATUS])
+    final = pc.is_in(table[schemas.STATUS], pa.array(schemas.FINAL_STATUSES))
+    table = table.filter(pc.and_(pc.is_valid(table[schemas.IMAGE_ID]), final))
     return dict(zip(table[schemas.URI].to_pylist(), table[schemas.IMAGE_ID].to_pylist(), strict=True))
 
 
@@ -236,6 +289,9 @@ def _retain(stage_uri: str, manifest: dict[str, Any] | None, inputs: pa.Table, n
 def summary(manifest: dict[str, Any]) -> str:
     """A few human lines: rows, ok, each failure status, reused vs newly embedded, throughput."""
     counts = manifest["counts"]
+    if manifest.get("unchanged"):
+        return (f"embeddings: unchanged since {manifest['created']} ({manifest['rows']} rows, "
+                f"{counts.get(schemas.OK, 0)} ok): nothing published")
     lines = [f"embeddings: {manifest['rows']} rows, {counts.get(schemas.OK, 0)} ok, "
              f"{manifest['embedded']} newly read, {manifest['reused']} reused from the previous run"]
     lines += [f"  {status}: {n}" for status, n in counts.items() if status != schemas.OK]

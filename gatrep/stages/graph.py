@@ -73,39 +73,40 @@ def run(cfg: GraphConfig) -> dict[str, Any]:
     vectors, an unknown --only group, or fewer than k + 1 nodes raise and leave the graph stage as it
     was. A rerun with the same config over the same embeddings returns the published manifest as is.
     """
-    embeddings_uri, stage_uri = io.join(cfg.run, schemas.EMBEDDINGS), io.join(cfg.run, NAME)
-    timings: dict[str, float] = {}
-    with io.timed(timings, "read"):
-        nodes, embeddings_manifest = read_nodes(embeddings_uri)
-    upstream = {schemas.EMBEDDINGS: io.upstream_of(embeddings_manifest, embeddings_uri)}
-    previous = io.up_to_date(stage_uri, NAME, to_dict(cfg), upstream)
-    if previous is not None:
-        return previous
-    selected = _select(nodes, cfg, embeddings_uri)
-    unit, groups = nodes.vectors[selected], nodes.groups(cfg.group_by)[selected]
-    check_size(len(selected), cfg, embeddings_uri)
-    with io.timed(timings, "build"):
-        neighbours, similarities, counts = knn.grouped_knn(
-            unit, groups, cfg.k, cfg.exact_below, metric=cfg.metric, n_jobs=cfg.n_jobs, seed=cfg.seed,
-            build_k=cfg.build_k)
-    with io.timed(timings, "recall"):
-        recall = knn.recall_at_k(unit, neighbours, groups, cfg.recall_sample, cfg.seed)
-    counts["edges_knn"] = int((neighbours != PAD).sum())
-    if cfg.mutual:
-        neighbours, similarities = knn.mutual_knn(neighbours, similarities)
-    counts.update(nodes=len(selected), edges=int((neighbours != PAD).sum()),
-                  nodes_without_neighbours=int((neighbours == PAD).all(axis=1).sum()))
-    global_ids = np.where(neighbours == PAD, PAD, selected[np.where(neighbours == PAD, 0, neighbours)])
-    table = graph_table(selected, nodes.image_id[selected], global_ids, similarities)
-    with io.timed(timings, "write"):
-        file_uri = io.write_table(table, io.new_run_dir(stage_uri))
-    return io.publish(
-        stage_uri, NAME, [file_uri], config=to_dict(cfg), upstream=upstream, rows=len(selected),
-        k=cfg.k, metric=cfg.metric, mutual=cfg.mutual, group_by=cfg.group_by, only=cfg.only,
-        recall={"k": cfg.k, "value": recall, "sample": min(cfg.recall_sample, len(selected)),
-                "measured": "before the mutual filter" if cfg.mutual else "on the published neighbours"},
-        counts=counts, timings=timings,
-    )
+    with io.stage_lock(io.join(cfg.run, NAME)):
+        embeddings_uri, stage_uri = io.join(cfg.run, schemas.EMBEDDINGS), io.join(cfg.run, NAME)
+        timings: dict[str, float] = {}
+        with io.timed(timings, "read"):
+            nodes, embeddings_manifest = read_nodes(embeddings_uri)
+        upstream = {schemas.EMBEDDINGS: io.upstream_of(embeddings_manifest, embeddings_uri)}
+        previous = io.up_to_date(stage_uri, NAME, to_dict(cfg), upstream)
+        if previous is not None:
+            return previous
+        selected = _select(nodes, cfg, embeddings_uri)
+        unit, groups = nodes.vectors[selected], nodes.groups(cfg.group_by)[selected]
+        check_size(len(selected), cfg, embeddings_uri)
+        with io.timed(timings, "build"):
+            neighbours, similarities, counts = knn.grouped_knn(
+                unit, groups, cfg.k, cfg.exact_below, metric=cfg.metric, n_jobs=cfg.n_jobs, seed=cfg.seed,
+                build_k=cfg.build_k)
+        with io.timed(timings, "recall"):
+            recall = knn.recall_at_k(unit, neighbours, groups, cfg.recall_sample, cfg.seed)
+        counts["edges_knn"] = int((neighbours != PAD).sum())
+        if cfg.mutual:
+            neighbours, similarities = knn.mutual_knn(neighbours, similarities)
+        counts.update(nodes=len(selected), edges=int((neighbours != PAD).sum()),
+                      nodes_without_neighbours=int((neighbours == PAD).all(axis=1).sum()))
+        global_ids = np.where(neighbours == PAD, PAD, selected[np.where(neighbours == PAD, 0, neighbours)])
+        table = graph_table(selected, nodes.image_id[selected], global_ids, similarities)
+        with io.timed(timings, "write"):
+            file_uri = io.write_table(table, io.new_run_dir(stage_uri))
+        return io.publish(
+            stage_uri, NAME, [file_uri], config=to_dict(cfg), upstream=upstream, rows=len(selected),
+            k=cfg.k, metric=cfg.metric, mutual=cfg.mutual, group_by=cfg.group_by, only=cfg.only,
+            recall={"k": cfg.k, "value": recall, "sample": min(cfg.recall_sample, len(selected)),
+                    "measured": "before the mutual filter" if cfg.mutual else "on the published neighbours"},
+            counts=counts, timings=timings,
+        )
 
 
 def check_size(n: int, cfg: GraphConfig, embeddings_uri: str) -> None:

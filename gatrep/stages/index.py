@@ -208,37 +208,38 @@ def similarity_tables(cfg: IndexConfig, reps: represent.GroupRepresentatives,
 
 def run(cfg: IndexConfig) -> dict[str, Any]:
     """Build and publish the index stage; returns its manifest (the existing one when already up to date)."""
-    timings: dict[str, float] = {}
-    source_uri = io.join(cfg.run, cfg.input_stage or cfg.source)
-    upstream = {"source": io.upstream_of(io.read_manifest(source_uri, cfg.source), source_uri)}
-    stage_uri = io.join(cfg.run, cfg.stage)
-    existing = io.up_to_date(stage_uri, NAME, config.to_dict(cfg), upstream)
-    if existing is not None:
-        return existing
-    with io.timed(timings, "read"):
-        source = read_source(cfg, source_uri)
-    with io.timed(timings, "listings"):
-        reps = represent.represent_groups(source.vectors, source.listings, cfg.method, cfg.top_k,
-                                          **degree_options(cfg))
-    with io.timed(timings, "categories"):
-        cats = assign_categories(cfg, source, reps)
-    run_dir = io.new_run_dir(stage_uri)
-    tables = {"listings": listings_table(source, reps, cats), "categories": categories_table(cfg, source, cats)}
-    with io.timed(timings, "similarity"):
-        tables["listing_similarity"], tables["merge_suggestions"] = similarity_tables(cfg, reps, cats)
-    files = {name: io.write_table(table, run_dir, f"{name}.parquet") for name, table in tables.items()}
-    with io.timed(timings, "ann"):
-        index = CategoryIndex.build(source.vectors, source.image_ids, cats.of_image, source.categories,
-                                    source.listings, cfg.ann_min_size, cfg.ann_neighbours, cfg.seed)
-        ann_files = save_retrieval_index(index, io.join(run_dir, "ann"))
-    files["ann_vectors"], files["ann_catalog"] = ann_files[0], ann_files[-1]
-    stage_path = io.url_to_fs(stage_uri)[1]
-    relative = {name: posixpath.relpath(io.url_to_fs(uri)[1], stage_path) for name, uri in files.items()}
-    return io.publish(
-        stage_uri, NAME, list(files.values()) + ann_files[1:-1], config.to_dict(cfg), upstream,
-        tables=relative, rows=len(source.image_ids), skipped=source.skipped, listings=len(reps.groups),
-        categories=len(cats.names), ann_categories=sum(p.ann is not None for p in index.parts.values()),
-        merge_suggestions=tables["merge_suggestions"].num_rows, dim=int(source.vectors.shape[1]), timings=timings)
+    with io.stage_lock(io.join(cfg.run, cfg.stage)):
+        timings: dict[str, float] = {}
+        source_uri = io.join(cfg.run, cfg.input_stage or cfg.source)
+        upstream = {"source": io.upstream_of(io.read_manifest(source_uri, cfg.source), source_uri)}
+        stage_uri = io.join(cfg.run, cfg.stage)
+        existing = io.up_to_date(stage_uri, NAME, config.to_dict(cfg), upstream)
+        if existing is not None:
+            return existing
+        with io.timed(timings, "read"):
+            source = read_source(cfg, source_uri)
+        with io.timed(timings, "listings"):
+            reps = represent.represent_groups(source.vectors, source.listings, cfg.method, cfg.top_k,
+                                              **degree_options(cfg))
+        with io.timed(timings, "categories"):
+            cats = assign_categories(cfg, source, reps)
+        run_dir = io.new_run_dir(stage_uri)
+        tables = {"listings": listings_table(source, reps, cats), "categories": categories_table(cfg, source, cats)}
+        with io.timed(timings, "similarity"):
+            tables["listing_similarity"], tables["merge_suggestions"] = similarity_tables(cfg, reps, cats)
+        files = {name: io.write_table(table, run_dir, f"{name}.parquet") for name, table in tables.items()}
+        with io.timed(timings, "ann"):
+            index = CategoryIndex.build(source.vectors, source.image_ids, cats.of_image, source.categories,
+                                        source.listings, cfg.ann_min_size, cfg.ann_neighbours, cfg.seed)
+            ann_files = save_retrieval_index(index, io.join(run_dir, "ann"))
+        files["ann_vectors"], files["ann_catalog"] = ann_files[0], ann_files[-1]
+        stage_path = io.url_to_fs(stage_uri)[1]
+        relative = {name: posixpath.relpath(io.url_to_fs(uri)[1], stage_path) for name, uri in files.items()}
+        return io.publish(
+            stage_uri, NAME, list(files.values()) + ann_files[1:-1], config.to_dict(cfg), upstream,
+            tables=relative, rows=len(source.image_ids), skipped=source.skipped, listings=len(reps.groups),
+            categories=len(cats.names), ann_categories=sum(p.ann is not None for p in index.parts.values()),
+            merge_suggestions=tables["merge_suggestions"].num_rows, dim=int(source.vectors.shape[1]), timings=timings)
 
 
 def summary(manifest: dict[str, Any]) -> str:

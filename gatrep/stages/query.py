@@ -144,28 +144,29 @@ def query_embeddings(cfg: QueryConfig, sources: IndexSources) -> str:
 
 def run(cfg: QueryConfig) -> dict[str, Any]:
     """Categorize and retrieve every query into `<run>/<stage>`; returns the published manifest."""
-    sources = resolve(cfg)
-    stages.init_ray()
-    queries_uri = query_embeddings(cfg, sources)
-    queries_manifest = io.read_manifest(queries_uri, schemas.EMBEDDINGS)
-    graph_ref = ray.put(graph_arrays(sources)) if sources.model is not None else None
-    timings: dict[str, float] = {}
-    stage_uri = io.join(cfg.run, cfg.stage)
-    run_dir = io.new_run_dir(stage_uri)
-    mapper_cpus, read_cpus = stages.fit_cpus(cfg.actors, 1.0, 0.5)
-    with io.timed(timings, "query"):
-        ds = ray.data.read_parquet(io.table_uris(queries_uri, queries_manifest), num_cpus=read_cpus)
-        ds.map_batches(
-            QueryMapper, batch_size=cfg.batch_size, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_cpus=mapper_cpus,
-            fn_constructor_kwargs={"sources": sources, "cfg": cfg, "graph_ref": graph_ref},
-        ).write_parquet(run_dir)
-    files = io.list_parquet(run_dir)
-    counts = io.status_counts(files)
-    upstream = {schemas.INDEX: io.upstream_of(io.read_manifest(sources.index, schemas.INDEX), sources.index),
-                "queries": io.upstream_of(queries_manifest, queries_uri)}
-    return io.publish(stage_uri, schemas.RESULTS, files, to_dict(cfg), upstream, rows=sum(counts.values()),
-                      counts=counts, method=method_name(cfg, sources), timings=timings)
+    with io.stage_lock(io.join(cfg.run, cfg.stage)):
+        sources = resolve(cfg)
+        stages.init_ray()
+        queries_uri = query_embeddings(cfg, sources)
+        queries_manifest = io.read_manifest(queries_uri, schemas.EMBEDDINGS)
+        graph_ref = ray.put(graph_arrays(sources)) if sources.model is not None else None
+        timings: dict[str, float] = {}
+        stage_uri = io.join(cfg.run, cfg.stage)
+        run_dir = io.new_run_dir(stage_uri)
+        mapper_cpus, read_cpus = stages.fit_cpus(cfg.actors, 1.0, 0.5)
+        with io.timed(timings, "query"):
+            ds = ray.data.read_parquet(io.table_uris(queries_uri, queries_manifest), num_cpus=read_cpus)
+            ds.map_batches(
+                QueryMapper, batch_size=cfg.batch_size, batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_cpus=mapper_cpus,
+                fn_constructor_kwargs={"sources": sources, "cfg": cfg, "graph_ref": graph_ref},
+            ).write_parquet(run_dir)
+        files = io.list_parquet(run_dir)
+        counts = io.status_counts(files)
+        upstream = {schemas.INDEX: io.upstream_of(io.read_manifest(sources.index, schemas.INDEX), sources.index),
+                    "queries": io.upstream_of(queries_manifest, queries_uri)}
+        return io.publish(stage_uri, schemas.RESULTS, files, to_dict(cfg), upstream, rows=sum(counts.values()),
+                          counts=counts, method=method_name(cfg, sources), timings=timings)
 
 
 def method_name(cfg: QueryConfig, sources: IndexSources) -> str:

@@ -304,30 +304,31 @@ def run(cfg: TrainConfig, fail_once: dict[str, Any] | None = None) -> dict[str, 
     """Train on `<run>/graph` + `<run>/embeddings`, publish `<run>/model` then `<run>/latents`; returns
     {"model": manifest, "latents": manifest}. Bad inputs and mismatched checkpoints raise before anything
     is written; a rerun resumes from the run's last checkpoint (epochs already done are not redone)."""
-    timings: dict[str, float] = {}
-    with io.timed(timings, "read"):
-        inputs = load_inputs(cfg.run)
-    published = up_to_date(cfg, inputs)
-    if published is not None:
-        return published
-    check_size(inputs, cfg)
-    model_cfg = cfg.model_config(inputs.features.shape[1])
-    storage = checkpoint_storage(cfg.run)
-    resumed_from = check_checkpoints(storage, model_cfg, cfg.resume)
-    stages.init_ray()
-    shared = share(inputs)
-    with io.timed(timings, "train"):
-        result = fit(cfg, shared, model_cfg, storage, fail_once)
-    if result.checkpoint is None:
-        raise RuntimeError(f"training in {storage} reported no checkpoint; see the Ray Train log above")
-    with result.checkpoint.as_directory() as directory:
-        model, _ = models.load_model(directory)
-        with open(os.path.join(directory, METRICS_FILE)) as f:
-            metrics = f.read()
-    with io.timed(timings, "latents"):
-        latents = compute_latents(cfg, model, model_cfg, shared)
-    model_manifest = _publish_model(cfg, model, model_cfg, metrics, inputs, resumed_from, timings)
-    return {schemas.MODEL: model_manifest, schemas.LATENTS: _publish_latents(cfg, inputs, latents, model_manifest)}
+    with io.stage_lock(io.join(cfg.run, schemas.MODEL)), io.stage_lock(io.join(cfg.run, schemas.LATENTS)):
+        timings: dict[str, float] = {}
+        with io.timed(timings, "read"):
+            inputs = load_inputs(cfg.run)
+        published = up_to_date(cfg, inputs)
+        if published is not None:
+            return published
+        check_size(inputs, cfg)
+        model_cfg = cfg.model_config(inputs.features.shape[1])
+        storage = checkpoint_storage(cfg.run)
+        resumed_from = check_checkpoints(storage, model_cfg, cfg.resume)
+        stages.init_ray()
+        shared = share(inputs)
+        with io.timed(timings, "train"):
+            result = fit(cfg, shared, model_cfg, storage, fail_once)
+        if result.checkpoint is None:
+            raise RuntimeError(f"training in {storage} reported no checkpoint; see the Ray Train log above")
+        with result.checkpoint.as_directory() as directory:
+            model, _ = models.load_model(directory)
+            with open(os.path.join(directory, METRICS_FILE)) as f:
+                metrics = f.read()
+        with io.timed(timings, "latents"):
+            latents = compute_latents(cfg, model, model_cfg, shared)
+        model_manifest = _publish_model(cfg, model, model_cfg, metrics, inputs, resumed_from, timings)
+        return {schemas.MODEL: model_manifest, schemas.LATENTS: _publish_latents(cfg, inputs, latents, model_manifest)}
 
 
 def _publish_model(cfg: TrainConfig, model: torch.nn.Module, model_cfg: ModelConfig, metrics: str,
