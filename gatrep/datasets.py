@@ -31,7 +31,7 @@ FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
-MARKER = "_dataset.json"  # written last; the leading "_" keeps it out of io.discover_inputs
+MARKER = ".gatrep-dataset.json"  # written last; hidden, so io.discover_inputs does not take it for an input
 FORMATS = {"png": "PNG", "jpg": "JPEG"}
 RESAMPLING = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR}
 JPEG_QUALITY = 90
