@@ -56,6 +56,10 @@ class EmbedConfig:
     max_bytes: int = dataclasses.field(
         default=100_000_000, metadata={"help": "files larger than this are refused as 'too_large'"}
     )
+    rehash: bool = dataclasses.field(
+        default=False, metadata={"help": "on a rerun, read and hash every file, also those whose size and "
+                                         "modification time (or ETag) are unchanged"},
+    )
 
     def __post_init__(self) -> None:
         from gatrep import backbones

@@ -81,13 +81,15 @@ def discover_inputs(uri: str) -> pa.Table:
 def _walk_tree(fs: fsspec.AbstractFileSystem, root: str, uri: str) -> pa.Table:
     if looks_like_stage(uri):
         raise InputError(f"input {uri!r} is a gatrep stage directory, not an image tree; give the images' folder")
-    uris, listings, categories = [], [], []
-    for path in sorted(fs.find(root)):
+    uris, listings, categories, fingerprints = [], [], [], []
+    found = fs.find(root, detail=True)
+    for path in sorted(found):
         parts = posixpath.relpath(path, root).split("/")
         if any(p.startswith(".") for p in parts):
             continue  # hidden files and folders (.DS_Store, .git): the only files a tree walk skips
         category = parts[0] if len(parts) > 1 else None
         listing = f"{parts[0]}/{parts[1]}" if len(parts) > 2 else category
+        fingerprints.append(fingerprint(found[path]))
         if isinstance(fs, LocalFileSystem):
             category, listing, path = (None if v is None else escape_path(v) for v in (category, listing, path))
         uris.append(full_uri(fs, path))
@@ -95,8 +97,17 @@ def _walk_tree(fs: fsspec.AbstractFileSystem, root: str, uri: str) -> pa.Table:
         categories.append(category)
     if not uris:
         raise InputError(f"input {uri!r} holds no files (expected <root>/<category>/[<listing>/]<image>)")
-    return pa.table({schemas.URI: uris, schemas.LISTING: listings, schemas.CATEGORY: categories},
-                    schema=schemas.INPUTS)
+    return pa.table({schemas.URI: uris, schemas.LISTING: listings, schemas.CATEGORY: categories,
+                     schemas.FINGERPRINT: fingerprints}, schema=schemas.INPUTS)
+
+
+def fingerprint(info: dict[str, Any]) -> str | None:
+    """"<size>:<modification time or ETag>" from a listing's file info (local files, S3, GCS...), None when the
+    listing gives neither: a rerun then reads and hashes the file."""
+    changed = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("updated")
+    if info.get("size") is None or changed is None:
+        return None
+    return f"{info['size']}:{changed}"
 
 
 def _read_input_manifest(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> pa.Table:
@@ -127,8 +138,8 @@ def _read_input_manifest(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> 
     # Empty cells (CSV) count as missing; a missing listing is its category (Approach II).
     categories = [c or None for c in columns[schemas.CATEGORY].to_pylist()]
     listings = [lst or cat for lst, cat in zip(columns[schemas.LISTING].to_pylist(), categories, strict=True)]
-    table = pa.table({schemas.URI: resolved, schemas.LISTING: listings, schemas.CATEGORY: categories},
-                     schema=schemas.INPUTS)
+    table = pa.table({schemas.URI: resolved, schemas.LISTING: listings, schemas.CATEGORY: categories,
+                      schemas.FINGERPRINT: pa.nulls(len(resolved), pa.string())}, schema=schemas.INPUTS)
     return table.sort_by(schemas.URI)
 
 
@@ -217,6 +228,15 @@ def read_table(stage_uri: str, stage: str, table: str | None = None,
             raise StageError(f"{file_uri} is missing or not a readable Parquet file ({err}); "
                              f"rebuild the {stage} stage") from err
     return pa.concat_tables(parts), manifest
+
+
+def table_schema(stage_uri: str, manifest: dict[str, Any], table: str | None = None) -> pa.Schema:
+    """The schema of a published table, from its first file's footer (StageError when it has no file)."""
+    files = table_uris(stage_uri, manifest, table)
+    if not files:
+        raise StageError(f"{stage_uri}: the manifest lists no data files")
+    fs, path = url_to_fs(files[0])
+    return pq.read_schema(path, filesystem=fs)
 
 
 def _check_schema(file_uri: str, stage: str, table: str | None) -> None:

@@ -28,6 +28,7 @@ NODE = "node"
 NEIGHBOURS = "neighbours"
 SIMILARITIES = "similarities"
 LATENT = "latent"
+FINGERPRINT = "fingerprint"  # "<size>:<mtime or ETag>" of an input file when listing it gave them
 QUERY_ID = "query_id"
 LABEL = "label"  # an input category carried along for evaluation (null when unlabelled)
 CATEGORY_SCORES = "category_scores"
@@ -71,7 +72,8 @@ FINAL_STATUSES = (OK, EMPTY, NOT_AN_IMAGE, UNSUPPORTED_FORMAT, TRUNCATED, BLANK)
 # ----------------------------------------------------------------------------------------------
 # Table schemas
 
-INPUTS = pa.schema([(URI, pa.string()), (LISTING, pa.string()), (CATEGORY, pa.string())])
+INPUTS = pa.schema([(URI, pa.string()), (LISTING, pa.string()), (CATEGORY, pa.string()),
+                    (FINGERPRINT, pa.string())])
 
 
 def vector_type(dim: int, dtype: str = "float32") -> pa.DataType:
@@ -92,7 +94,14 @@ def embeddings(dim: int, dtype: str = "float32") -> pa.Schema:
         (STATUS, pa.string()),
         (ERROR, pa.string()),
         (EMBEDDING, vector_type(dim, dtype)),
+        (FINGERPRINT, pa.string()),  # lets a rerun skip reading unchanged files; absent in stages before it
     ])
+
+
+def _embeddings_expected(actual: pa.Schema) -> pa.Schema:
+    """The embeddings contract for a table; a stage written before `fingerprint` existed is still valid."""
+    expected = embeddings(vector_dim(actual, EMBEDDING), vector_dtype(actual, EMBEDDING))
+    return expected if FINGERPRINT in actual.names else expected.remove(expected.get_field_index(FINGERPRINT))
 
 
 def graph(k: int) -> pa.Schema:
@@ -275,7 +284,7 @@ class Stage:
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage(EMBEDDINGS, {EMBEDDINGS: lambda s: embeddings(vector_dim(s, EMBEDDING), vector_dtype(s, EMBEDDING))}),
+    Stage(EMBEDDINGS, {EMBEDDINGS: _embeddings_expected}),
     Stage(GRAPH, {GRAPH: lambda s: graph(vector_dim(s, NEIGHBOURS))}),
     Stage(MODEL, {}, (WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE)),
     Stage(LATENTS, {LATENTS: lambda s: latents(vector_dim(s, LATENT))}),

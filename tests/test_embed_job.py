@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -86,11 +87,17 @@ def test_every_file_gets_one_row_and_a_rerun_reuses_them(tree, tmp_path, capsys)
                                   "unsupported_format": 1}
     assert manifest["config"]["backbone"] == "tiny-random" and manifest["dim"] == 32
 
-    # Rerun: only the file refused under a limit is read again; nothing changed, so nothing is published.
+    # Rerun: only the file refused under a limit is read again (the others' size and modification time are
+    # unchanged); nothing changed, so nothing is published.
     published = (out / "embeddings" / io.MANIFEST).read_bytes()
     again = embed.run(config(tree, out))
-    assert again["unchanged"] is True and (out / "embeddings" / io.MANIFEST).read_bytes() == published
+    assert again["unchanged"] is True and again["read"] == 1
+    assert (out / "embeddings" / io.MANIFEST).read_bytes() == published
     assert read(out)[0].equals(table)
+    os.utime(tree / "dogs/25.png", (1, 1))  # touched, same content: read and hashed, still unchanged
+    assert embed.run(config(tree, out))["read"] == 2
+    rehashed = embed.run(config(tree, out, rehash=True))
+    assert rehashed["read"] == 41 and rehashed["unchanged"] is True
     # A larger pixel limit reconsiders the image refused as too large under the old one.
     bigger = embed.run(config(tree, out, max_pixels=30_000_000))
     assert bigger["embedded"] == 1 and bigger["counts"]["ok"] == 37 and "too_large" not in bigger["counts"]

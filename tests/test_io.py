@@ -25,6 +25,7 @@ def test_tree_with_and_without_listings(tmp_path):
           "pants/.hidden.jpg", ".git/HEAD", "notes.txt", "pants/_DSC0001.JPG", "_drafts/e.jpg")
     table = io.discover_inputs(str(tmp_path))
     rows = {r["uri"].removeprefix(str(tmp_path) + "/"): (r["listing"], r["category"]) for r in table.to_pylist()}
+    assert all(f.startswith("1:") for f in table["fingerprint"].to_pylist()), "size 1, then the mtime"
     assert rows == {
         "notes.txt": (None, None),
         "_drafts/e.jpg": ("_drafts", "_drafts"),  # only hidden (dot) files are skipped
@@ -73,8 +74,9 @@ def test_manifest_relative_and_absolute_uris(tmp_path, fmt):
         pq.write_table(table, path)
     rows = io.discover_inputs(str(path)).to_pylist()
     assert rows == [
-        {"uri": "/data/b.jpg", "listing": "y", "category": "y"},  # an empty listing falls back to the category
-        {"uri": str(tmp_path / "imgs/a.jpg"), "listing": "x/1", "category": "x"},
+        # an empty listing falls back to the category; a manifest gives no size or time: no fingerprint
+        {"uri": "/data/b.jpg", "listing": "y", "category": "y", "fingerprint": None},
+        {"uri": str(tmp_path / "imgs/a.jpg"), "listing": "x/1", "category": "x", "fingerprint": None},
     ]
 
 

@@ -34,7 +34,7 @@ class StageMismatch(UserError, RuntimeError):
 
 def prepare_batch(batch: dict[str, np.ndarray], *, backbone: str, max_pixels: int, max_bytes: int,
                   known: dict[str, str]) -> dict[str, np.ndarray]:
-    """Read, hash and decode each file of a batch of inputs (uri, listing, category).
+    """Read, hash and decode each file of a batch of inputs (uri, listing, category, optional fingerprint).
 
     Adds image_id, width, height, status, error and `pixels` ([n, size, size, channels] uint8, zeros
     for rows that did not decode). Drops rows whose uri is in `known` with the same image_id: they are
@@ -43,8 +43,9 @@ def prepare_batch(batch: dict[str, np.ndarray], *, backbone: str, max_pixels: in
     prep = backbones.get(backbone).preprocess
     out: dict[str, list[Any]] = collections.defaultdict(list)
     crops = []
-    for uri, listing, category in zip(batch[schemas.URI], batch[schemas.LISTING], batch[schemas.CATEGORY],
-                                      strict=True):
+    fingerprints = batch.get(schemas.FINGERPRINT, np.full(len(batch[schemas.URI]), None, dtype=object))
+    for uri, listing, category, print_ in zip(batch[schemas.URI], batch[schemas.LISTING], batch[schemas.CATEGORY],
+                                              fingerprints, strict=True):
         data, refused = images.read_file(str(uri), max_bytes)
         image_id = images.content_id(data) if data is not None else None
         if image_id is not None and known.get(uri) == image_id:
@@ -53,7 +54,7 @@ def prepare_batch(batch: dict[str, np.ndarray], *, backbone: str, max_pixels: in
         for name, value in ((schemas.IMAGE_ID, image_id), (schemas.URI, uri), (schemas.LISTING, listing),
                             (schemas.CATEGORY, category), (schemas.WIDTH, decoded.width),
                             (schemas.HEIGHT, decoded.height), (schemas.STATUS, decoded.status),
-                            (schemas.ERROR, decoded.error)):
+                            (schemas.ERROR, decoded.error), (schemas.FINGERPRINT, print_)):
             out[name].append(value)
         crops.append(decoded.pixels if decoded.pixels is not None
                      else np.zeros((prep.size, prep.size, prep.channels), np.uint8))
@@ -118,12 +119,13 @@ def run(cfg: EmbedConfig) -> dict[str, Any]:
         with io.timed(timings, "discover"):
             inputs = io.discover_inputs(cfg.input)
         previous = _previous_stage(stage_uri, cfg)
-        known = _known_ids(stage_uri, previous)
+        known, unchanged_files = _known(stage_uri, previous, inputs, cfg.rehash)
+        to_read = inputs.filter(pc.invert(pc.is_in(inputs[schemas.URI], pa.array(unchanged_files, pa.string()))))
         run_dir = io.new_run_dir(stage_uri)
         with io.timed(timings, "start_ray"):
             stages.init_ray()
         with io.timed(timings, "embed"):
-            new_files = _embed(inputs, cfg, known, run_dir)
+            new_files = _embed(to_read, cfg, known, run_dir) if to_read.num_rows else []
         with io.timed(timings, "merge"):
             new_uris = {u for f in new_files for u in io.read_column(f, schemas.URI)}
             kept_files = _retain(stage_uri, previous, inputs, new_uris, run_dir)
@@ -131,7 +133,7 @@ def run(cfg: EmbedConfig) -> dict[str, Any]:
         counts = io.status_counts(files)
         if previous is not None and _unchanged(stage_uri, previous, cfg, files):
             _discard(run_dir)
-            return {**previous, "unchanged": True}
+            return {**previous, "unchanged": True, "read": to_read.num_rows}
         if not counts.get(schemas.OK):
             _discard(run_dir)
             raise io.InputError(f"none of the {sum(counts.values())} files under {cfg.input} could be embedded "
@@ -139,16 +141,24 @@ def run(cfg: EmbedConfig) -> dict[str, Any]:
         return io.publish(
             stage_uri, STAGE, files, to_dict(cfg), dim=backbone.dim, dtype=cfg.dtype, normalised=True,
             rows=sum(counts.values()), counts=counts, embedded=len(new_uris),
-            reused=sum(counts.values()) - len(new_uris),
+            reused=sum(counts.values()) - len(new_uris), read=to_read.num_rows,
             timings=timings,
         )
 
 
+# Settings that change how a run works, not what it publishes.
+OPERATIONAL = ("batch_size", "decode_batch_size", "actors", "threads_per_actor", "device", "rehash")
+
+
 def _unchanged(stage_uri: str, previous: dict[str, Any], cfg: EmbedConfig, files: list[str]) -> bool:
-    """Whether this run's rows say what the published ones say: same config, same files with the same content
-    hash, status, error, listing and category (a file refused again the same way changes nothing; an ok row
-    is only re-embedded when its content changed)."""
-    return previous["config"] == to_dict(cfg) and _rows(files) == _rows(io.stage_file_uris(stage_uri, previous))
+    """Whether this run's rows say what the published ones say: the same settings (operational ones aside),
+    the same files with the same content hash, status, error, listing and category (a file refused again
+    the same way changes nothing; an ok row is only re-embedded when its content changed)."""
+    def settings(config: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in config.items() if k not in OPERATIONAL}
+
+    same = settings(previous["config"]) == settings(to_dict(cfg))
+    return same and _rows(files) == _rows(io.stage_file_uris(stage_uri, previous))
 
 
 def _rows(files: list[str]) -> dict[str, tuple[Any, ...]]:
@@ -185,15 +195,24 @@ def _previous_stage(stage_uri: str, cfg: EmbedConfig) -> dict[str, Any] | None:
     return manifest
 
 
-def _known_ids(stage_uri: str, manifest: dict[str, Any] | None) -> dict[str, str]:
-    """uri -> image_id of every previously published row whose status a rerun would not change
-    (schemas.FINAL_STATUSES): those files are skipped when their content is unchanged."""
+def _known(stage_uri: str, manifest: dict[str, Any] | None, inputs: pa.Table,
+           rehash: bool) -> tuple[dict[str, str], list[str]]:
+    """What a rerun need not embed again, from the published rows whose status it would not change
+    (schemas.FINAL_STATUSES): (uri -> image_id, to drop after reading when the content hash is unchanged;
+    the uris not to read at all, whose size and modification time (or ETag) are unchanged, unless `rehash`)."""
     if manifest is None:
-        return {}
-    table, _ = io.read_table(stage_uri, STAGE, columns=[schemas.URI, schemas.IMAGE_ID, schemas.STATUS])
+        return {}, []
+    columns = [schemas.URI, schemas.IMAGE_ID, schemas.STATUS]
+    fingerprinted = schemas.FINGERPRINT in io.table_schema(stage_uri, manifest).names
+    table, _ = io.read_table(stage_uri, STAGE, columns=columns + [schemas.FINGERPRINT] * fingerprinted)
     final = pc.is_in(table[schemas.STATUS], pa.array(schemas.FINAL_STATUSES))
     table = table.filter(pc.and_(pc.is_valid(table[schemas.IMAGE_ID]), final))
-    return dict(zip(table[schemas.URI].to_pylist(), table[schemas.IMAGE_ID].to_pylist(), strict=True))
+    known = dict(zip(table[schemas.URI].to_pylist(), table[schemas.IMAGE_ID].to_pylist(), strict=True))
+    if rehash or not fingerprinted:
+        return known, []
+    published = dict(zip(table[schemas.URI].to_pylist(), table[schemas.FINGERPRINT].to_pylist(), strict=True))
+    current = zip(inputs[schemas.URI].to_pylist(), inputs[schemas.FINGERPRINT].to_pylist(), strict=True)
+    return known, [uri for uri, print_ in current if print_ is not None and published.get(uri) == print_]
 
 
 def _embed(inputs: pa.Table, cfg: EmbedConfig, known: dict[str, str], run_dir: str) -> list[str]:

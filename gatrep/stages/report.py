@@ -296,8 +296,7 @@ def load_map(cfg: ReportConfig, stage_uri: str, stage: str, column: str) -> MapD
     table = table.filter(keep)
     if table.num_rows == 0:
         raise SectionError(f"{stage_uri}: none of the {positions.size} sampled rows has a {column!r} vector")
-    raw = vectors.from_arrow(table[column])
-    unit = raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
+    unit = vectors.normalise(vectors.from_arrow(table[column]))
     drawn = [str(g) for g in groups.take(pa.array(positions)).filter(keep).to_pylist()]
     return MapData(charts.project(unit, cfg.map_method, cfg.seed), drawn, len(groups), f"{stage}.{column}",
                    cfg.map_method, len(counts), int(candidates.size))
