@@ -227,7 +227,7 @@ def read_table(stage_uri: str, stage: str, table: str | None = None,
         except (FileNotFoundError, pa.ArrowInvalid) as err:
             raise StageError(f"{file_uri} is missing or not a readable Parquet file ({err}); "
                              f"rebuild the {stage} stage") from err
-    return pa.concat_tables(parts), manifest
+    return pa.concat_tables(parts, promote_options="default"), manifest  # older files may lack a new column
 
 
 def table_schema(stage_uri: str, manifest: dict[str, Any], table: str | None = None) -> pa.Schema:

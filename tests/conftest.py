@@ -50,6 +50,7 @@ def publish_embeddings(run: str, vectors: np.ndarray, listings: list[str] | None
         schemas.STATUS: status,
         schemas.ERROR: [None if good else "bad" for good in ok],
         schemas.EMBEDDING: embedding,
+        schemas.FINGERPRINT: [None] * n,
     }, schema=schemas.embeddings(dim, dtype))
     stage = io.join(run, schemas.EMBEDDINGS)
     file_uri = io.write_table(table, io.new_run_dir(stage))

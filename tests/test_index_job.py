@@ -144,6 +144,7 @@ def test_embeddings_baseline_skips_bad_rows(tmp_path, capsys):
         schemas.LISTING: rows["listing"], schemas.CATEGORY: rows["category"],
         schemas.WIDTH: pa.array([8] * n, pa.int32()), schemas.HEIGHT: pa.array([8] * n, pa.int32()),
         schemas.STATUS: status, schemas.ERROR: [None] * n, schemas.EMBEDDING: embedding,
+        schemas.FINGERPRINT: [None] * n,
     }, schema=schemas.embeddings(DIM))
     stage = io.join(run, "embeddings-hog")
     io.publish(stage, "embeddings", [io.write_table(table, io.new_run_dir(stage))], config={})

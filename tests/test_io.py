@@ -204,3 +204,10 @@ def test_schema_validate_names_every_problem():
     assert "missing column 'uri' (string)" in message
     assert "column 'embedding' is list<item: float>, expected fixed_size_list<item: float>[4]" in message
     assert schemas.vector_dim(schemas.embeddings(7), "embedding") == 7
+
+
+def test_an_embeddings_table_from_before_fingerprints_is_still_valid(tmp_path):
+    table = pa.table({f.name: pa.nulls(1, f.type) for f in schemas.embeddings(4) if f.name != "fingerprint"})
+    stage = str(tmp_path / "embeddings")
+    io.publish(stage, "embeddings", [io.write_table(table, io.new_run_dir(stage))], {})
+    assert io.read_table(stage, "embeddings")[0].num_rows == 1

@@ -80,6 +80,7 @@ def _embeddings(run: Path, rows: list[dict], images: Path) -> None:
         "status": ["ok"] * len(rows) + [b[2] for b in bad],
         "error": [None] * len(rows) + [b[3] for b in bad],
         "embedding": [r["vector"].tolist() for r in rows] + [None, None],
+        "fingerprint": [None] * (len(rows) + 2),
     }
     _publish(run, "embeddings", pa.table(columns, schema=schemas.embeddings(DIM)))
 
