@@ -461,7 +461,11 @@ def check_table_schemas(stage_uri: str, manifest: dict[str, Any], table: str | N
     """Check the schema of every Parquet file of one table of a published stage (see `table_uris`) against the data
     contract (schemas.STAGES), reading only their footers. Refuses (SchemaError) a file whose schema differs."""
     for uri in table_uris(stage_uri, manifest, table):
-        _check_schema(uri, manifest["stage"], table)
+        try:
+            _check_schema(uri, manifest["stage"], table)
+        except (FileNotFoundError, pa.ArrowInvalid) as err:
+            raise StageError(f"{uri} is missing or not a readable Parquet file ({err}); "
+                             f"rebuild the {manifest['stage']} stage") from err
 
 
 @contextlib.contextmanager

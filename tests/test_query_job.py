@@ -4,6 +4,7 @@ stages or refused, and requests that can never be met fail at once."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,3 +124,30 @@ def test_query_follows_lineage_and_refuses_a_stale_index(tmp_path: Path, capsys:
     query = ["--run", run, "--input", io.join(run, "embeddings"), "--index", "index-raw"]
     assert cli.run_job("query", query) == 2
     assert "rebuild the index stage" in capsys.readouterr().err
+
+
+def test_missing_or_corrupt_stage_files_are_one_line_errors(run: str, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    queries = ["--run", str(copy), "--input", str(copy / "embeddings"), "--index", "index-raw"]
+    catalog = next((copy / "index-raw").glob("run-*/ann/catalog.parquet"))
+    catalog.rename(catalog.with_suffix(".bak"))
+    assert cli.run_job("query", queries) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "/ann/catalog.parquet; rebuild the index" in err
+    catalog.with_suffix(".bak").rename(catalog)
+    part = next((copy / "embeddings").glob("run-*/*.parquet"))
+    part.write_bytes(part.read_bytes()[:100])  # truncated
+    assert cli.run_job("query", queries) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "is missing or not a readable Parquet file" in err
+
+
+def test_a_second_job_on_a_stage_refuses_while_the_first_writes(run: str, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    images = write_tree(tmp_path / "images", 1, seed=4)
+    with io.stage_lock(io.join(run, "embeddings")):
+        code = cli.run_job("embed", ["--input", str(images), "--run", run, "--backbone", "tiny-random"])
+    assert code == 2
+    assert "is being written by another job (pid" in capsys.readouterr().err

@@ -347,7 +347,8 @@ def test_a_stage_with_a_missing_or_corrupt_file_shows_as_could_not_read(tmp_path
     html_text, summary = report.build(_cfg(run))
     assert summary["sections"]["training"] == "error" and summary["sections"]["map"] == "error"
     assert summary["errors"]["training"].startswith("FileNotFoundError")
-    assert summary["errors"]["map"].startswith("ArrowInvalid")
+    map_error = summary["errors"]["map"]
+    assert map_error.startswith("StageError") and "not a readable Parquet file" in map_error
     assert {k for k, v in summary["sections"].items() if v == "ok"} == {"index", "results", "inputs", "evaluation"}
     assert html_text.count('class="failed"') == 2
 

@@ -341,6 +341,19 @@ def _load_ann(fs: Any, path: str, sha256: str | None, dir_uri: str) -> Any:
     return pickle.loads(data)  # noqa: S301 - trusted, checksummed file (see load_retrieval_index)
 
 
+def check_files(stage_uri: str) -> None:
+    """Refuse, before any work starts, a published index whose files are missing (IndexFileError) or whose
+    tables are not of the data contract (SchemaError, StageError); reads only file listings and footers."""
+    manifest = io.read_manifest(stage_uri, NAME)
+    fs, _ = io.url_to_fs(stage_uri)
+    missing = [f for f in manifest["files"] if not fs.exists(io.url_to_fs(io.join(stage_uri, f))[1])]
+    if missing:
+        raise IndexFileError(f"{stage_uri}: missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else "")
+                             + "; rebuild the index with jobs.index")
+    for table in manifest.get("tables", {}):
+        io.check_table_schemas(stage_uri, manifest, table)
+
+
 def load_searcher(stage_uri: str, epsilon: float = 0.1) -> Searcher:
     """The Searcher of a published index stage: category representatives plus the retrieval index.
     Raises StageError when the stage is absent or incomplete."""

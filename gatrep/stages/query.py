@@ -17,7 +17,7 @@ from gatrep.models import query_latents
 from gatrep.stages import embed
 from gatrep.stages.embed import read_nodes
 from gatrep.stages.graph import read_graph
-from gatrep.stages.index import load_searcher
+from gatrep.stages.index import check_files, load_searcher
 from gatrep.stages.train import load_model_stage
 
 NAME = "query"
@@ -57,6 +57,7 @@ def resolve(cfg: QueryConfig) -> IndexSources:
     """The stages behind `cfg.index`, followed through the manifests and checked to be the ones it was built
     from. Raises io.StageError naming what is missing or stale."""
     index_uri = io.join(cfg.run, cfg.index)
+    check_files(index_uri)  # here, not in the query actors, where a missing file would kill them
     index_manifest = io.read_manifest(index_uri, schemas.INDEX)
     source = index_manifest["config"]["source"]
     source_uri, source_manifest = upstream_stage(cfg.run, index_manifest, "source", source)
@@ -149,6 +150,7 @@ def run(cfg: QueryConfig) -> dict[str, Any]:
         stages.init_ray()
         queries_uri = query_embeddings(cfg, sources)
         queries_manifest = io.read_manifest(queries_uri, schemas.EMBEDDINGS)
+        io.check_table_schemas(queries_uri, queries_manifest)  # here, not in Ray's read tasks
         graph_ref = ray.put(graph_arrays(sources)) if sources.model is not None else None
         timings: dict[str, float] = {}
         stage_uri = io.join(cfg.run, cfg.stage)
