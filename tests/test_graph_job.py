@@ -134,3 +134,15 @@ def test_graph_job_refuses_bad_input_and_writes_nothing(clustered, write_embeddi
     assert cli.run_job("graph", argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "graph").exists()
+
+
+def test_a_truncated_embeddings_file_is_a_one_line_error(clustered, write_embeddings, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    run = str(tmp_path)
+    stage = write_embeddings(run, clustered(3, 2))
+    part = next(Path(stage).glob("run-*/*.parquet"))
+    part.write_bytes(part.read_bytes()[:50])
+    assert cli.run_job("graph", ["--run", run, "--k", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "not a readable Parquet file" in err
+    assert not (tmp_path / "graph").exists()

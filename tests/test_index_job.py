@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -173,3 +175,11 @@ def test_more_clusters_than_listings_is_a_user_error(run, capsys):
 def test_missing_source_stage_is_a_clear_error(tmp_path, capsys):
     assert cli.run_job("index", ["--run", str(tmp_path)]) == 2
     assert "latents" in capsys.readouterr().err
+
+
+def test_a_truncated_latents_file_is_a_one_line_error(run, capsys):
+    part = next((Path(run) / "latents").glob("run-*/*.parquet"))
+    part.write_bytes(part.read_bytes()[:50])
+    assert cli.run_job("index", ["--run", run]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "not a readable Parquet file" in err
