@@ -218,15 +218,12 @@ def read_table(stage_uri: str, stage: str, table: str | None = None,
     files = table_uris(stage_uri, manifest, table)
     if not files:
         raise StageError(f"{stage_uri}: the manifest lists no data files")
+    check_table_schemas(stage_uri, manifest, table)
     parts = []
     for file_uri in files:
         fs, path = url_to_fs(file_uri)
-        try:
-            _check_schema(file_uri, stage, table)
+        with _readable(file_uri, stage):
             parts.append(pq.read_table(path, filesystem=fs, columns=columns))
-        except (FileNotFoundError, pa.ArrowInvalid) as err:
-            raise StageError(f"{file_uri} is missing or not a readable Parquet file ({err}); "
-                             f"rebuild the {stage} stage") from err
     return pa.concat_tables(parts, promote_options="default"), manifest  # older files may lack a new column
 
 
@@ -237,6 +234,16 @@ def table_schema(stage_uri: str, manifest: dict[str, Any], table: str | None = N
         raise StageError(f"{stage_uri}: the manifest lists no data files")
     fs, path = url_to_fs(files[0])
     return pq.read_schema(path, filesystem=fs)
+
+
+@contextlib.contextmanager
+def _readable(file_uri: str, stage: str) -> Iterator[None]:
+    """Turn a missing file or one that is not Parquet into a StageError that names it and says what to do."""
+    try:
+        yield
+    except (FileNotFoundError, pa.ArrowInvalid) as err:
+        raise StageError(f"{file_uri} is missing or not a readable Parquet file ({err}); "
+                         f"rebuild the {stage} stage") from err
 
 
 def _check_schema(file_uri: str, stage: str, table: str | None) -> None:
@@ -459,13 +466,11 @@ def stage_exists(stage_uri: str) -> bool:
 
 def check_table_schemas(stage_uri: str, manifest: dict[str, Any], table: str | None = None) -> None:
     """Check the schema of every Parquet file of one table of a published stage (see `table_uris`) against the data
-    contract (schemas.STAGES), reading only their footers. Refuses (SchemaError) a file whose schema differs."""
+    contract (schemas.STAGES), reading only their footers. Refuses (SchemaError) a file whose schema differs, and
+    (StageError) one that is missing or not Parquet."""
     for uri in table_uris(stage_uri, manifest, table):
-        try:
+        with _readable(uri, manifest["stage"]):
             _check_schema(uri, manifest["stage"], table)
-        except (FileNotFoundError, pa.ArrowInvalid) as err:
-            raise StageError(f"{uri} is missing or not a readable Parquet file ({err}); "
-                             f"rebuild the {manifest['stage']} stage") from err
 
 
 @contextlib.contextmanager
