@@ -8,6 +8,7 @@ import dataclasses
 import io
 import os
 import re
+import runpy
 import shlex
 from collections.abc import Iterator
 from functools import cache
@@ -157,6 +158,17 @@ def _structural_cached(group: str, version: str, kind: str) -> dict[str, Any]:
 
 def test_kuberay_folder_holds_the_three_resources() -> None:
     assert sorted(BY_KIND) == ["RayCluster", "RayCronJob", "RayJob"]
+
+
+def test_kuberay_manifests_are_the_generators_output() -> None:
+    generated = runpy.run_path(str(KUBERAY / "generate.py"), run_name="kuberay_generate")["generate"]()
+    assert set(generated) == set(KUBERAY.glob("*.yaml")), "every manifest in cluster/kuberay/ is generated"
+    for path, text in generated.items():
+        assert path.read_text() == text, (
+            f"{path.relative_to(REPO)} differs from what cluster/kuberay/generate.py writes: edit "
+            "cluster/kuberay/base/raycluster-spec.yaml or the file's template in generate.py, not the file, "
+            "then rerun `python cluster/kuberay/generate.py`"
+        )
 
 
 @pytest.mark.parametrize("doc", [d for _, d in MANIFESTS], ids=[n for n, _ in MANIFESTS])
