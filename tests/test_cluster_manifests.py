@@ -28,12 +28,28 @@ INT32 = (-(2**31), 2**31 - 1)
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are 3 MB of YAML: the C parser is 10x faster
 
 
-def _shared_dir() -> Path | None:
-    """The shared folder holding kuberay-crds/: beside the repository, or $GATREP_SHARED."""
-    candidates = [Path(__file__).resolve().parents[2] / "shared"]
-    if os.environ.get("GATREP_SHARED"):
-        candidates.append(Path(os.environ["GATREP_SHARED"]))
-    return next((c for c in candidates if (c / "kuberay-crds").is_dir()), None)
+def _shared_candidates(repo: Path = REPO) -> list[Path]:
+    """Where a shared folder may be, in order: $GATREP_SHARED, then `shared` in the repository or beside it
+    or beside any folder above it (a clean clone may sit deeper than the checkout the folder was set up for)."""
+    explicit = [Path(os.environ["GATREP_SHARED"])] if os.environ.get("GATREP_SHARED") else []
+    return explicit + [folder / "shared" for folder in (repo, *repo.parents)]
+
+
+def _kuberay_crds(repo: Path = REPO) -> Path:
+    """The kuberay-crds folder of the first shared folder that has one.
+
+    Skips the calling test where there is none, and fails it instead under CI=true, so that CI cannot pass
+    without validating the manifests against the CRDs.
+    """
+    candidates = _shared_candidates(repo)
+    found = next((c / "kuberay-crds" for c in candidates if (c / "kuberay-crds").is_dir()), None)
+    if found is not None:
+        return found
+    reason = ("no KubeRay CRDs: none of " + ", ".join(f"{c}/kuberay-crds" for c in candidates) + " exists; "
+              "set GATREP_SHARED to the shared folder that holds kuberay-crds/ (they are not copied into the project)")
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
 
 
 def _manifests() -> list[tuple[str, dict[str, Any]]]:
@@ -56,13 +72,9 @@ BY_KIND = {doc["kind"]: doc for _, doc in MANIFESTS}
 
 @cache
 def _crd_schemas() -> dict[tuple[str, str, str], dict[str, Any]]:
-    """(group, version, kind) -> openAPIV3Schema of every CRD in the shared folder; skips without it."""
-    shared = _shared_dir()
-    if shared is None:
-        pytest.skip("no KubeRay CRDs: neither ../shared/kuberay-crds beside the repository nor "
-                    "$GATREP_SHARED/kuberay-crds exists")
+    """(group, version, kind) -> openAPIV3Schema of every KubeRay CRD (found as `_kuberay_crds` says)."""
     schemas = {}
-    for path in sorted((shared / "kuberay-crds").glob("*.yaml")):
+    for path in sorted(_kuberay_crds().glob("*.yaml")):
         for crd in yaml.load_all(path.read_text(), Loader=Loader):
             if not crd or crd.get("kind") != "CustomResourceDefinition":
                 continue
@@ -70,6 +82,29 @@ def _crd_schemas() -> dict[tuple[str, str, str], dict[str, Any]]:
                 key = (crd["spec"]["group"], version["name"], crd["spec"]["names"]["kind"])
                 schemas[key] = version["schema"]["openAPIV3Schema"]
     return schemas
+
+
+def test_crds_are_found_above_a_clone_and_through_gatrep_shared(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GATREP_SHARED", raising=False)
+    clone = tmp_path / "checkouts" / "issue-10" / "gatrep"
+    (tmp_path / "shared" / "kuberay-crds").mkdir(parents=True)
+    assert _kuberay_crds(clone) == tmp_path / "shared" / "kuberay-crds"
+    (tmp_path / "elsewhere" / "kuberay-crds").mkdir(parents=True)
+    monkeypatch.setenv("GATREP_SHARED", str(tmp_path / "elsewhere"))
+    assert _kuberay_crds(clone) == tmp_path / "elsewhere" / "kuberay-crds"
+
+
+@pytest.mark.parametrize(("ci", "outcome"), [("", pytest.skip.Exception), ("true", pytest.fail.Exception)])
+def test_missing_crds_skip_but_fail_under_ci(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ci: str, outcome: type[BaseException]) -> None:
+    monkeypatch.delenv("GATREP_SHARED", raising=False)
+    monkeypatch.setenv("CI", ci)
+    clone = tmp_path / "gatrep"
+    assert not any((c / "kuberay-crds").is_dir() for c in _shared_candidates(clone)), "CRDs above the tmp folder"
+    searched = f"none of {clone}/shared/kuberay-crds, {tmp_path}/shared/kuberay-crds, "
+    with pytest.raises(outcome, match=re.escape(searched)):
+        _kuberay_crds(clone)
 
 
 def _structural(node: Any) -> Any:
