@@ -87,12 +87,12 @@ spec:
 
 RAYCRONJOB_REINDEX = """\
 # The nightly re-index: at 02:00 UTC every day KubeRay creates a RayJob that starts a Ray cluster, runs
-# `python -m jobs.pipeline` over the bucket (the embed stage reuses every unchanged image by content hash
-# and embeds only new or changed ones; the later stages are rebuilt when their inputs changed and reused
-# when not), and deletes the cluster when it ends. An incremental `jobs.reindex` that publishes versions
-# atomically is planned (issue 10); until then readers can see stages of the new run as they are published.
-# RayCronJob is alpha (KubeRay >= 1.6) and the operator runs it only with its RayCronJob feature gate
-# enabled (the featureGates list of the kuberay-operator Helm chart's values).
+# jobs.reindex over the bucket, and deletes the cluster when it ends. jobs.reindex embeds only new or
+# changed images (content hash), updates the graph, fine-tunes the model, rebuilds the index and publishes
+# them as a new version under <run>/versions/<vNNNN>, switching the pointer <run>/CURRENT last: readers see
+# the old version until the new one is complete. RayCronJob is alpha (KubeRay >= 1.6) and the operator runs
+# it only with its RayCronJob feature gate enabled (the featureGates list of the kuberay-operator Helm
+# chart's values).
 #
 #   kubectl apply -f cluster/kuberay/raycronjob-reindex.yaml
 #   kubectl get raycronjob gatrep-reindex; kubectl get rayjobs      # one RayJob per run
@@ -112,7 +112,7 @@ spec:
   timeZone: Etc/UTC
   jobTemplate:
     entrypoint: >-
-      python -m jobs.pipeline
+      python -m jobs.reindex
       --input s3://my-bucket/images
       --run s3://my-bucket/runs/nightly
     entrypointNumCpus: 1
