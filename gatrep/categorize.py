@@ -185,6 +185,24 @@ class CategoryIndex:
             scores[members] = part_scores
         return ids, scores, labels
 
+    def best_per_category(self, query_vecs: Any) -> np.ndarray:
+        """[B, C] cosine of each query to its most similar image of each category (`categories` order)."""
+        unit, _ = queries(query_vecs, self.dim)
+        return np.stack([self._rows(unit, c, 1)[1][:, 0] for c in self.categories], axis=1)
+
+    def typical_similarity(self, sample: int = 200, seed: int = 0) -> np.ndarray:
+        """[C] each category's typical similarity: the median, over up to `sample` of its images, of the cosine
+        to their most similar other image of the category (NaN for a category of one image)."""
+        rng = np.random.default_rng(seed)
+        typical = np.full(len(self.categories), np.nan, dtype=np.float32)
+        for position, category in enumerate(self.categories):
+            members = self.parts[category].vectors
+            if len(members) < 2:
+                continue
+            picked = np.sort(rng.choice(len(members), size=min(sample, len(members)), replace=False))
+            typical[position] = np.median(exact_topk(members[picked], members, 1, exclude=picked)[1][:, 0])
+        return typical
+
     def search_all(self, query_vecs: Any, k: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The k nearest images over every category, merged from each category's top k: ([B, k] ids,
         [B, k] cosines, [B, k] category positions in `categories`, PAD padded)."""
@@ -242,6 +260,24 @@ class SearchResults:
         matches = [[{"image_id": i, "score": float(s)} for i, s in zip(ids, row, strict=True) if i is not None]
                    for ids, row in zip(self.match_ids, self.match_scores, strict=True)]
         return {"category": list(self.category), "category_scores": scores, "matches": matches}
+
+
+def review(scores: np.ndarray, best: np.ndarray, typical: np.ndarray, min_confidence: float
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """(confidence [B], review reasons [B]) of categorized queries. `scores` [B, C] are the category scores,
+    `best` [B, C] each query's best cosine per category and `typical` [C] each category's typical one (see
+    CategoryIndex.typical_similarity). Confidence is the margin between the two best scores; a query needs review
+    when it is below `min_confidence` (low_confidence), or when its best cosine to every category (of two images
+    or more) is below that category's typical similarity (unlike_every_category: a possible new category).
+    A reason is None when there is none, else the reasons joined by commas."""
+    top = -np.sort(-np.nan_to_num(scores, nan=-np.inf), axis=1)
+    confidence = (top[:, 0] - top[:, 1]) if scores.shape[1] > 1 else np.ones(len(scores))
+    known = np.isfinite(typical)
+    unlike = (best[:, known] < typical[known]).all(axis=1) & known.any()
+    low = confidence < min_confidence - 1e-6  # vote-share margins are multiples of 1/k: 0.3 - 0.1 is not 0.2
+    reasons = np.array([",".join(name for name, flag in (("low_confidence", lo), ("unlike_every_category", un)) if flag)
+                        or None for lo, un in zip(low, unlike, strict=True)], dtype=object)
+    return confidence.astype(np.float32), reasons
 
 
 # How a category is scored (`--scoring`; config.py validates against it, Searcher.categorize dispatches on it):

@@ -6,6 +6,7 @@ and exits 2; anything else is a bug and shows its traceback (exit 1).
 
 from __future__ import annotations
 
+import importlib
 import sys
 import time
 from types import ModuleType
@@ -13,15 +14,13 @@ from types import ModuleType
 from gatrep import config, stages
 from gatrep.errors import UserError
 
-JOBS = (*stages.NAMES, "pipeline")
+JOBS = (*stages.NAMES, "pipeline", "reindex", "categorize")
 
 
 def job_module(name: str) -> ModuleType:
-    """The module that runs job `name`: a stage module, or gatrep.pipeline."""
-    if name == "pipeline":
-        from gatrep import pipeline
-
-        return pipeline
+    """The module that runs job `name`: a stage module, or gatrep.pipeline / gatrep.reindex."""
+    if name in ("pipeline", "reindex"):
+        return importlib.import_module(f"gatrep.{name}")
     return stages.module(name)
 
 

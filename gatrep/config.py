@@ -60,6 +60,10 @@ class EmbedConfig:
         default=False, metadata={"help": "on a rerun, read and hash every file, also those whose size and "
                                          "modification time (or ETag) are unchanged"},
     )
+    previous: str = dataclasses.field(
+        default="", metadata={"help": "an embeddings stage (URI) to reuse unchanged rows from when this stage has "
+                                      "none yet (jobs.reindex: the current version's); '' = none"},
+    )
 
     def __post_init__(self) -> None:
         from gatrep import backbones
@@ -183,6 +187,11 @@ class GraphConfig:
     recall_sample: int = dataclasses.field(
         default=1000, metadata={"help": "nodes whose neighbours are checked against exact search"}
     )
+    update_from: str = dataclasses.field(
+        default="", metadata={"help": "a graph stage (URI) of an earlier version to update instead of building "
+                                      "anew: new and changed nodes get exact neighbours, the rest are repaired "
+                                      "(jobs.reindex sets it); needs --group-by none and no --mutual"},
+    )
 
     def __post_init__(self) -> None:
         if self.k <= 0:
@@ -197,6 +206,8 @@ class GraphConfig:
             raise ConfigError(f"build_k must exceed k ({self.k}) so that the node itself can be dropped")
         if self.exact_below < 0 or self.recall_sample < 0:
             raise ConfigError("exact_below and recall_sample must be >= 0")
+        if self.update_from and (self.mutual or self.group_by != "none"):
+            raise ConfigError("--update-from updates a plain k-NN graph: it needs --group-by none and no --mutual")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -273,6 +284,10 @@ class TrainConfig(ModelSettings):
     )
     max_batches: int = dataclasses.field(
         default=0, metadata={"help": "mini-batches per epoch and worker; 0 = all (a smaller value for smoke runs)"}
+    )
+    init_from: str = dataclasses.field(
+        default="", metadata={"help": "a model stage (URI) whose weights training starts from: --epochs more epochs "
+                                      "of fine-tuning (jobs.reindex sets it); '' = random weights"},
     )
 
     def __post_init__(self) -> None:
@@ -395,6 +410,10 @@ class QueryConfig:
     batch_size: int = dataclasses.field(default=256, metadata={"help": "queries per search batch"})
     actors: int = dataclasses.field(default=1, metadata={"help": "search actors (each holds the index)"})
     device: str = dataclasses.field(default="auto", metadata={"help": "backbone device for image queries"})
+    version: str = dataclasses.field(
+        default="", metadata={"help": "version of a versioned --run (vNNNN) to read; '' = the one <run>/CURRENT "
+                                      "names (or the run root itself when it has no versions)"},
+    )
 
     def __post_init__(self) -> None:
         from gatrep.categorize import SCORINGS
@@ -417,6 +436,10 @@ class EvaluateConfig:
     )
     k: int = dataclasses.field(default=10, metadata={"help": "retrieval cut-off for precision/recall/mAP@k"})
     stage: str = dataclasses.field(default=schemas.EVALUATION, metadata={"help": "output stage directory under --run"})
+    version: str = dataclasses.field(
+        default="", metadata={"help": "version of a versioned --run (vNNNN) to read; '' = the one <run>/CURRENT "
+                                      "names (or the run root itself when it has no versions)"},
+    )
 
     def __post_init__(self) -> None:
         if self.k <= 0:
@@ -476,6 +499,10 @@ class ReportConfig:
     )
     threads: int = dataclasses.field(default=8, metadata={"help": "threads reading images for thumbnails"})
     seed: int = dataclasses.field(default=0, metadata={"help": "seed of every sample the report draws"})
+    version: str = dataclasses.field(
+        default="", metadata={"help": "version of a versioned --run (vNNNN) to read; '' = the one <run>/CURRENT "
+                                      "names (or the run root itself when it has no versions)"},
+    )
 
     def __post_init__(self) -> None:
         from gatrep.report.charts import MAP_METHODS
@@ -518,3 +545,79 @@ class PipelineConfig:
             raise ConfigError("--queries needs --input (the demo brings its own queries)")
         if self.k <= 0 or self.epochs <= 0:
             raise ConfigError("k and epochs must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReindexConfig:
+    """The nightly re-index: images -> a new complete version of the run root, published by switching its
+    CURRENT pointer last; only what changed since the current version is recomputed."""
+
+    run: str = dataclasses.field(metadata={"help": "run root URI holding versions/ and the CURRENT pointer"})
+    input: str = dataclasses.field(
+        default="", metadata={"help": "image tree or manifest (any fsspec URI); required unless --rollback"})
+    backbone: str = dataclasses.field(default="mobilenet_v2", metadata={"help": "backbone name (jobs.embed --list)"})
+    weights: str = dataclasses.field(default="default", metadata={"help": "'default', 'random' or a weights file"})
+    device: str = dataclasses.field(default="auto", metadata={"help": "auto, cuda or cpu (see jobs.embed --help)"})
+    k: int = dataclasses.field(default=10, metadata={"help": "k-NN graph degree"})
+    epochs: int = dataclasses.field(default=200, metadata={"help": "training epochs of a new model (the paper: 200)"})
+    fine_tune_epochs: int = dataclasses.field(
+        default=20, metadata={"help": "epochs of fine-tuning the current version's model on the new graph"})
+    retrain: bool = dataclasses.field(
+        default=False, metadata={"help": "train a new model for --epochs instead of fine-tuning the current one"})
+    rebuild_above: float = dataclasses.field(
+        default=0.1, metadata={"help": "share of images new, changed or removed since the current version past "
+                                       "which the graph is rebuilt (pynndescent) instead of updated (exact search "
+                                       "of the changed nodes, cost ~ changed x all)"})
+    max_shrink: float = dataclasses.field(
+        default=0.2, metadata={"help": "refuse to publish when the input has lost more than this share of the "
+                                       "current version's files (an empty bucket, a wrong prefix)"})
+    allow_shrink: bool = dataclasses.field(
+        default=False, metadata={"help": "publish even when the input shrank past --max-shrink"})
+    keep: int = dataclasses.field(default=3, metadata={"help": "complete versions kept (the current one always)"})
+    rollback: bool = dataclasses.field(
+        default=False, metadata={"help": "point CURRENT back to the previous complete version, and do nothing else"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed of pynndescent, the weights and the sampler"})
+
+    def __post_init__(self) -> None:
+        if not self.input and not self.rollback:
+            raise ConfigError("--input is required (unless --rollback)")
+        if self.k <= 0 or self.epochs <= 0 or self.fine_tune_epochs <= 0 or self.keep < 1:
+            raise ConfigError("k, epochs and fine_tune_epochs must be positive, keep at least 1")
+        if not 0 <= self.rebuild_above <= 1 or not 0 <= self.max_shrink <= 1:
+            raise ConfigError("rebuild_above and max_shrink are shares between 0 and 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class CategorizeConfig:
+    """Bulk categorization of new uploads against the current version of a run root."""
+
+    input: str = dataclasses.field(metadata={"help": "the uploads: image tree or manifest, any fsspec URI"})
+    run: str = dataclasses.field(metadata={"help": "run root URI (versioned by jobs.reindex, or a pipeline run)"})
+    version: str = dataclasses.field(
+        default="", metadata={"help": "version to categorize against; '' = the one <run>/CURRENT names"})
+    output: str = dataclasses.field(
+        default="", metadata={"help": "output folder URI (embeddings and categorized stages); "
+                                      "'' = <run>/categorized/<the input's last path part>"})
+    index: str = dataclasses.field(
+        default="index-raw", metadata={"help": "index stage to categorize with (index-raw: raw backbone features, "
+                                               "the most accurate measured; index: GAT-AE latents)"})
+    scoring: str = dataclasses.field(
+        default="knn", metadata={"help": "category score: knn (vote of the k nearest indexed images, the most "
+                                         "accurate measured), single, max or mean (see jobs.query --help)"})
+    k: int = dataclasses.field(default=10, metadata={"help": "neighbours voting (knn)"})
+    min_confidence: float = dataclasses.field(
+        default=0.2, metadata={"help": "uploads whose two best category scores are closer than this need review "
+                                       "(vote shares for knn, cosines otherwise)"})
+    batch_size: int = dataclasses.field(default=256, metadata={"help": "uploads per search batch"})
+    actors: int = dataclasses.field(default=1, metadata={"help": "search actors (each holds the index)"})
+    device: str = dataclasses.field(default="auto", metadata={"help": "backbone device: auto, cuda or cpu"})
+
+    def __post_init__(self) -> None:
+        from gatrep.categorize import SCORINGS
+
+        _choose("scoring", self.scoring, SCORINGS)
+        for name in ("k", "batch_size", "actors"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
+        if self.min_confidence < 0:
+            raise ConfigError(f"min_confidence must be >= 0, not {self.min_confidence}")

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from gatrep.errors import UserError
-from gatrep.vectors import PAD, approximate_knn, block_rows, exact_knn, group_rows, similarities_of
+from gatrep.vectors import PAD, approximate_knn, block_rows, exact_knn, exact_topk, group_rows, similarities_of
 
 
 class GraphInputError(UserError, ValueError):
@@ -65,6 +65,47 @@ def grouped_knn(vectors: np.ndarray, groups: np.ndarray, k: int, exact_below: in
         neighbours[members] = np.where(idx == PAD, PAD, members[np.where(idx == PAD, 0, idx)])
         similarities[members] = sims
     return neighbours, similarities, counts
+
+
+def update_knn(unit: np.ndarray, previous: np.ndarray, neighbours: np.ndarray, similarities: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """(neighbours, similarities, counts): a k-NN graph of `unit` updated from an older graph instead of rebuilt.
+
+    `previous[i]` is node i's id in the old graph, or PAD when node i is new or its vector changed;
+    `neighbours` / `similarities` are the old graph's [n_old, k] lists (old ids). Nodes that are new, or
+    lost a neighbour (removed or changed), get exact lists over every node; every other node keeps its
+    list, merged with the new nodes that come closer than its k-th neighbour. The cost is exact search
+    of the changed nodes against all of them, O(changed x n x d): the update pays off for small changes
+    (jobs.reindex rebuilds past --rebuild-above). pynndescent has no insert of its own to use instead.
+    """
+    n, k = len(unit), neighbours.shape[1]
+    kept = previous != PAD
+    old_to_new = np.full(len(neighbours), PAD, dtype=np.int64)
+    old_to_new[previous[kept]] = np.flatnonzero(kept)
+    old_lists = neighbours[previous[kept]]
+    mapped = np.where(old_lists == PAD, PAD, old_to_new[np.where(old_lists == PAD, 0, old_lists)])
+    lost = np.zeros(n, dtype=bool)
+    lost[kept] = ((old_lists != PAD) & (mapped == PAD)).any(axis=1)
+    out_neighbours = np.full((n, k), PAD, dtype=np.int64)
+    out_similarities = np.full((n, k), np.nan, dtype=np.float32)
+    out_neighbours[kept], out_similarities[kept] = mapped, similarities[previous[kept]]
+    fresh = np.flatnonzero(~kept)
+    repaired = np.flatnonzero(kept & ~lost)
+    before = out_neighbours[repaired]
+    if fresh.size and repaired.size:
+        ids, sims = exact_topk(unit[repaired], unit[fresh], k)
+        ids = np.where(ids == PAD, PAD, fresh[np.where(ids == PAD, 0, ids)])
+        merged_ids = np.concatenate([out_neighbours[repaired], ids], axis=1)
+        merged_sims = np.concatenate([out_similarities[repaired], sims], axis=1)
+        order = np.argsort(-np.nan_to_num(merged_sims, nan=-np.inf), axis=1, kind="stable")[:, :k]
+        out_neighbours[repaired] = np.take_along_axis(merged_ids, order, axis=1)
+        out_similarities[repaired] = np.take_along_axis(merged_sims, order, axis=1)
+    redo = np.flatnonzero(~kept | lost)
+    if redo.size:
+        out_neighbours[redo], out_similarities[redo] = exact_knn(unit, k, queries=redo)
+    repaired_count = int((out_neighbours[repaired] != before).any(axis=1).sum())
+    return out_neighbours, out_similarities, {"new_nodes": int(fresh.size), "searched_again": int(lost.sum()),
+                                              "lists_repaired": repaired_count}
 
 
 def recall_at_k(vectors: np.ndarray, neighbours: np.ndarray, groups: np.ndarray, sample: int,

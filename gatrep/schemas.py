@@ -51,6 +51,10 @@ CATEGORY_B = "category_b"
 SIMILARITY = "similarity"
 ANN_FILE = "ann_file"
 ANN_SHA256 = "ann_sha256"
+CONFIDENCE = "confidence"
+BEST_SIMILARITY = "best_similarity"
+NEEDS_REVIEW = "needs_review"
+REVIEW_REASON = "review_reason"
 
 # ----------------------------------------------------------------------------------------------
 # Row statuses. Every input file gets exactly one row with one of these.
@@ -140,6 +144,24 @@ def results() -> pa.Schema:
         (CATEGORY, pa.string()),
         (CATEGORY_SCORES, pa.list_(pa.struct([(CATEGORY, pa.string()), (SCORE, pa.float32())]))),
         (MATCHES, pa.list_(pa.struct([(IMAGE_ID, pa.string()), (SCORE, pa.float32())]))),
+    ])
+
+
+def categorized() -> pa.Schema:
+    """Bulk categorization of uploads (jobs.categorize): one row per upload, its category and whether a person
+    should look at it. `confidence` is the margin between the two best category scores; `best_similarity` the
+    upload's cosine to the most similar indexed image (raw backbone features); `review_reason` is
+    low_confidence, unlike_every_category (a possible new category) or both, comma separated."""
+    return pa.schema([
+        (IMAGE_ID, pa.string()),
+        (URI, pa.string()),
+        (STATUS, pa.string()),
+        (ERROR, pa.string()),
+        (CATEGORY, pa.string()),
+        (CONFIDENCE, pa.float32()),
+        (BEST_SIMILARITY, pa.float32()),
+        (NEEDS_REVIEW, pa.bool_()),
+        (REVIEW_REASON, pa.string()),
     ])
 
 
@@ -257,6 +279,7 @@ LATENTS = "latents"
 INDEX = "index"
 RESULTS = "results"
 EVALUATION = "evaluation"
+CATEGORIZED = "categorized"
 
 # Files of the model and evaluation stages (not tables).
 WEIGHTS_FILE = "model.safetensors"
@@ -298,4 +321,5 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     }, ("ann-*.pkl",)),
     Stage(RESULTS, {RESULTS: lambda s: results()}),
     Stage(EVALUATION, {}, (EVALUATION_FILE, TABLE_FILE)),
+    Stage(CATEGORIZED, {CATEGORIZED: lambda s: categorized()}),
 )}

@@ -9,6 +9,7 @@ calls `init_ray()`, the one place Ray is started.
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 
 # In pipeline order; `gatrep <name>` and `python -m jobs.<name>` run each.
@@ -43,3 +44,12 @@ def fit_cpus(actors: int, actor_cpus: float, task_cpus: float) -> tuple[float, f
         return actor_cpus, task_cpus
     scale = total / need
     return round(actor_cpus * scale, 3), round(task_cpus * scale, 3)
+
+
+def kill_once(marker: str | None) -> None:
+    """Fault injection for tests: end this process at once, like an OOM kill or a lost node (no cleanup runs),
+    the first time it is called with `marker`, a file path that records that it happened. A no-op for None."""
+    if marker is None or os.path.exists(marker):
+        return
+    open(marker, "w").close()
+    os._exit(1)

@@ -66,7 +66,7 @@ def prepare_batch(batch: dict[str, np.ndarray], *, backbone: str, max_pixels: in
 class Embedder:
     """A Ray Data actor: loads the backbone once, then embeds the ok rows of each batch."""
 
-    def __init__(self, backbone: str, weights: str, dtype: str, threads: int) -> None:
+    def __init__(self, backbone: str, weights: str, dtype: str, threads: int, fail_once: str | None = None) -> None:
         import torch
 
         torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in workers
@@ -74,8 +74,10 @@ class Embedder:
         self.encoder = backbones.get(backbone).load(weights, device)
         self.schema = schemas.embeddings(self.encoder.dim, dtype)
         self.dtype = np.dtype(dtype)
+        self.fail_once = fail_once
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        stages.kill_once(self.fail_once)
         ok = batch[schemas.STATUS] == schemas.OK
         n, dim = len(ok), self.encoder.dim
         features = np.zeros((n, dim), self.dtype)
@@ -101,7 +103,7 @@ def mark_blank(batch: dict[str, np.ndarray], features: np.ndarray, ok: np.ndarra
     return ok & usable
 
 
-def run(cfg: EmbedConfig) -> dict[str, Any]:
+def run(cfg: EmbedConfig, fail_once: str | None = None) -> dict[str, Any]:
     """Embed every input file of `cfg.input` into `<cfg.run>/<cfg.stage>` and publish it.
 
     Rows already in a published stage with the same uri and content hash are kept, not re-embedded, unless
@@ -109,7 +111,8 @@ def run(cfg: EmbedConfig) -> dict[str, Any]:
     that changes nothing publishes nothing and returns the published manifest with "unchanged". Returns the
     manifest. Raises io.InputError for a bad input or when no file at all could be embedded (nothing is
     published), StageMismatch when the existing stage was built with another backbone, io.StageError when
-    its manifest is unreadable, and WeightsNotFound (before any work) when weights are missing.
+    its manifest is unreadable, and WeightsNotFound (before any work) when weights are missing. `fail_once`
+    (tests: a marker file's path) kills one backbone actor once, mid-batch.
     """
     backbone = backbones.get(cfg.backbone)
     backbone.load(cfg.weights, "cpu")  # fail fast on missing weights, before Ray starts any work
@@ -118,20 +121,22 @@ def run(cfg: EmbedConfig) -> dict[str, Any]:
         timings: dict[str, float] = {}
         with io.timed(timings, "discover"):
             inputs = io.discover_inputs(cfg.input)
-        previous = _previous_stage(stage_uri, cfg)
-        known, unchanged_files = _known(stage_uri, previous, inputs, cfg.rehash)
+        # Rows are reused from this stage's last publish, or on its first run from --previous (another version's).
+        source_uri = cfg.previous if cfg.previous and not io.stage_exists(stage_uri) else stage_uri
+        previous = _previous_stage(source_uri, cfg)
+        known, unchanged_files = _known(source_uri, previous, inputs, cfg.rehash)
         to_read = inputs.filter(pc.invert(pc.is_in(inputs[schemas.URI], pa.array(unchanged_files, pa.string()))))
         run_dir = io.new_run_dir(stage_uri)
         with io.timed(timings, "start_ray"):
             stages.init_ray()
         with io.timed(timings, "embed"):
-            new_files = _embed(to_read, cfg, known, run_dir) if to_read.num_rows else []
+            new_files = _embed(to_read, cfg, known, run_dir, fail_once) if to_read.num_rows else []
         with io.timed(timings, "merge"):
             new_uris = {u for f in new_files for u in io.read_column(f, schemas.URI)}
-            kept_files = _retain(stage_uri, previous, inputs, new_uris, run_dir)
+            kept_files = _retain(source_uri, previous, inputs, new_uris, run_dir, own=source_uri == stage_uri)
         files = kept_files + new_files
         counts = io.status_counts(files)
-        if previous is not None and _unchanged(stage_uri, previous, cfg, files):
+        if previous is not None and source_uri == stage_uri and _unchanged(stage_uri, previous, cfg, files):
             _discard(run_dir)
             return {**previous, "unchanged": True, "read": to_read.num_rows}
         if not counts.get(schemas.OK):
@@ -147,7 +152,7 @@ def run(cfg: EmbedConfig) -> dict[str, Any]:
 
 
 # Settings that change how a run works, not what it publishes.
-OPERATIONAL = ("batch_size", "decode_batch_size", "actors", "threads_per_actor", "device", "rehash")
+OPERATIONAL = ("batch_size", "decode_batch_size", "actors", "threads_per_actor", "device", "rehash", "previous")
 
 
 def _unchanged(stage_uri: str, previous: dict[str, Any], cfg: EmbedConfig, files: list[str]) -> bool:
@@ -158,10 +163,10 @@ def _unchanged(stage_uri: str, previous: dict[str, Any], cfg: EmbedConfig, files
         return {k: v for k, v in config.items() if k not in OPERATIONAL}
 
     same = settings(previous["config"]) == settings(to_dict(cfg))
-    return same and _rows(files) == _rows(io.stage_file_uris(stage_uri, previous))
+    return same and rows_by_uri(files) == rows_by_uri(io.stage_file_uris(stage_uri, previous))
 
 
-def _rows(files: list[str]) -> dict[str, tuple[Any, ...]]:
+def rows_by_uri(files: list[str]) -> dict[str, tuple[Any, ...]]:
     """uri -> (image_id, status, error, listing, category) over embeddings files."""
     columns = [schemas.URI, schemas.IMAGE_ID, schemas.STATUS, schemas.ERROR, schemas.LISTING, schemas.CATEGORY]
     rows: dict[str, tuple[Any, ...]] = {}
@@ -215,13 +220,15 @@ def _known(stage_uri: str, manifest: dict[str, Any] | None, inputs: pa.Table,
     return known, [uri for uri, print_ in current if print_ is not None and published.get(uri) == print_]
 
 
-def _embed(inputs: pa.Table, cfg: EmbedConfig, known: dict[str, str], run_dir: str) -> list[str]:
+def _embed(inputs: pa.Table, cfg: EmbedConfig, known: dict[str, str], run_dir: str,
+           fail_once: str | None) -> list[str]:
     """Run the Ray Data pipeline over `inputs`; returns the Parquet files it wrote."""
-    embedding_dataset(inputs, cfg, known).write_parquet(run_dir)
+    embedding_dataset(inputs, cfg, known, fail_once).write_parquet(run_dir)
     return io.list_parquet(run_dir)
 
 
-def embedding_dataset(inputs: pa.Table, cfg: EmbedConfig, known: dict[str, str] | None = None) -> ray.data.Dataset:
+def embedding_dataset(inputs: pa.Table, cfg: EmbedConfig, known: dict[str, str] | None = None,
+                      fail_once: str | None = None) -> ray.data.Dataset:
     """A lazy Ray Dataset of `embeddings` rows, one per input row not in `known` (uri -> image_id)."""
     gpus = _gpus(cfg)
     actors = cfg.actors or max(gpus, 1)
@@ -242,7 +249,7 @@ def embedding_dataset(inputs: pa.Table, cfg: EmbedConfig, known: dict[str, str] 
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if gpus else 0, num_cpus=actor_cpus,
         fn_constructor_kwargs={"backbone": cfg.backbone, "weights": cfg.weights, "dtype": cfg.dtype,
-                               "threads": cfg.threads_per_actor or _cpus_per_actor(actors)},
+                               "threads": cfg.threads_per_actor or _cpus_per_actor(actors), "fail_once": fail_once},
     )
 
 
@@ -271,12 +278,14 @@ def _cpus_per_actor(actors: int) -> int:
 
 
 def _retain(stage_uri: str, manifest: dict[str, Any] | None, inputs: pa.Table, new_uris: set[str],
-            run_dir: str) -> list[str]:
-    """Files of the previous run whose rows are still current; rewritten filtered where some are not.
+            run_dir: str, own: bool) -> list[str]:
+    """Files of the previous run (of `stage_uri`) whose rows are still current, as files of this run: kept as they
+    are where every row is current and they are this stage's own (`own`), else written into `run_dir` (filtered).
 
     A row is current when its uri is still an input and was not re-embedded (same content). Its
     listing and category are taken from the current inputs, so moving a file between categories in
-    a manifest is picked up without re-embedding it.
+    a manifest is picked up without re-embedding it. Files of another stage (--previous) are always
+    written anew: a stage never lists files outside its own folder.
     """
     if manifest is None:
         return []
@@ -292,7 +301,7 @@ def _retain(stage_uri: str, manifest: dict[str, Any] | None, inputs: pa.Table, n
         labels = [current.get(u) for u in uris]
         unchanged = all(labels[i] == (table[schemas.LISTING][i].as_py(), table[schemas.CATEGORY][i].as_py())
                         for i in range(len(uris)) if keep[i])
-        if all(keep) and unchanged:
+        if all(keep) and unchanged and own:
             kept.append(file_uri)
         elif any(keep):
             table = table.filter(pa.array(keep))

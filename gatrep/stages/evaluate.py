@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
-from gatrep import config, evaluate, io, schemas
+from gatrep import config, evaluate, io, schemas, versions
 from gatrep.config import EvaluateConfig
 from gatrep.stages.index import load_searcher
 from gatrep.stages.query import upstream_stage
@@ -18,6 +19,7 @@ DESCRIPTION = "Judge labelled queries' results; print every method side by side.
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
     """Judge every results stage against the index it was searched in (followed through its manifest) and
     publish `evaluation.json` and the text table; returns the manifest, the table under "table"."""
+    cfg = dataclasses.replace(cfg, run=versions.resolve(cfg.run, cfg.version), version="")
     with io.stage_lock(io.join(cfg.run, cfg.stage)):
         upstream = {stage: io.upstream_of(io.read_manifest(io.join(cfg.run, stage), schemas.RESULTS),
                                           io.join(cfg.run, stage)) for stage in cfg.results}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import posixpath
 from typing import Any
 
 import numpy as np
@@ -86,9 +87,14 @@ def run(cfg: GraphConfig) -> dict[str, Any]:
         unit, groups = nodes.vectors[selected], nodes.groups(cfg.group_by)[selected]
         check_size(len(selected), cfg, embeddings_uri)
         with io.timed(timings, "build"):
-            neighbours, similarities, counts = knn.grouped_knn(
-                unit, groups, cfg.k, cfg.exact_below, metric=cfg.metric, n_jobs=cfg.n_jobs, seed=cfg.seed,
-                build_k=cfg.build_k)
+            if cfg.update_from:
+                old = read_graph(cfg.update_from)
+                neighbours, similarities, counts = _update(nodes, old, cfg)
+                upstream["previous_graph"] = io.upstream_of(old.manifest, cfg.update_from)
+            else:
+                neighbours, similarities, counts = knn.grouped_knn(
+                    unit, groups, cfg.k, cfg.exact_below, metric=cfg.metric, n_jobs=cfg.n_jobs, seed=cfg.seed,
+                    build_k=cfg.build_k)
         with io.timed(timings, "recall"):
             recall = knn.recall_at_k(unit, neighbours, groups, cfg.recall_sample, cfg.seed)
         counts["edges_knn"] = int((neighbours != PAD).sum())
@@ -107,6 +113,29 @@ def run(cfg: GraphConfig) -> dict[str, Any]:
                     "measured": "before the mutual filter" if cfg.mutual else "on the published neighbours"},
             counts=counts, timings=timings,
         )
+
+
+def _update(nodes: Nodes, old: Graph, cfg: GraphConfig) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """The graph of `nodes` updated from `old`, the graph stage at `cfg.update_from` (knn.update_knn): a node is
+    the same as an old one when its uri and content hash are. Refuses (GraphInputError) an old graph of another k
+    or metric, not plain k-NN, or no longer matching the embeddings it was built from."""
+    built = old.manifest["config"]
+    if (built["k"], built["metric"], built["mutual"], built["group_by"], built["only"]) != (
+            cfg.k, cfg.metric, False, "none", None):
+        raise GraphInputError(f"{cfg.update_from} is not a plain k={cfg.k} {cfg.metric} k-NN graph of every node; "
+                              "build the graph anew (without --update-from)")
+    record = old.manifest["upstream"][schemas.EMBEDDINGS]
+    old_embeddings_uri = io.join(posixpath.dirname(cfg.update_from.rstrip("/")), record["stage"])
+    old_nodes, old_manifest = read_nodes(old_embeddings_uri)
+    if not io.is_current(record, old_manifest) or len(old_nodes) != len(old.node):
+        raise GraphInputError(f"{cfg.update_from} was not built from {old_embeddings_uri} as published now; "
+                              "build the graph anew (without --update-from)")
+    position = {(u, i): n for n, (u, i) in enumerate(zip(old_nodes.uri, old_nodes.image_id, strict=True))}
+    previous = np.array([position.get((u, i), PAD) for u, i in zip(nodes.uri, nodes.image_id, strict=True)], np.int64)
+    neighbours, similarities, counts = knn.update_knn(nodes.vectors, previous, old.neighbours, old.similarities)
+    counts.update(groups=1, exact_groups=0, approximate_groups=0, groups_smaller_than_k_plus_1=0,
+                  removed_nodes=len(old_nodes) - int((previous != PAD).sum()))
+    return neighbours, similarities, counts
 
 
 def check_size(n: int, cfg: GraphConfig, embeddings_uri: str) -> None:
@@ -139,6 +168,9 @@ def summary(manifest: dict[str, Any]) -> str:
         f"  edges: {counts['edges']} (k-NN {counts['edges_knn']}); nodes without neighbours: "
         f"{counts['nodes_without_neighbours']}; groups: {counts['groups']} "
         f"({counts['exact_groups']} exact, {counts['approximate_groups']} pynndescent)",
+        *([f"  updated from {manifest['upstream']['previous_graph']['uri']}: {counts['new_nodes']} new or changed "
+           f"nodes, {counts['removed_nodes']} removed, {counts['searched_again']} searched again, "
+           f"{counts['lists_repaired']} lists repaired"] if "new_nodes" in counts else []),
         f"  recall@{recall['k']}: {value} on {recall['sample']} nodes ({recall['measured']})",
         f"  timings (s): {manifest['timings']}" + (" [already published: reused]" if manifest.get("reused") else ""),
     ])

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from gatrep import io, schemas, stages, vectors
+from gatrep import io, schemas, stages, vectors, versions
 from gatrep.config import EmbedConfig, QueryConfig, from_dict, to_dict
 from gatrep.models import query_latents
 from gatrep.stages import embed
@@ -145,6 +145,7 @@ def query_embeddings(cfg: QueryConfig, sources: IndexSources) -> str:
 
 def run(cfg: QueryConfig) -> dict[str, Any]:
     """Categorize and retrieve every query into `<run>/<stage>`; returns the published manifest."""
+    cfg = dataclasses.replace(cfg, run=versions.resolve(cfg.run, cfg.version), version="")
     with io.stage_lock(io.join(cfg.run, cfg.stage)):
         sources = resolve(cfg)
         stages.init_ray()

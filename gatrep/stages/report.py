@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from gatrep import io, schemas, vectors
+from gatrep import io, schemas, vectors, versions
 from gatrep.config import ReportConfig
 from gatrep.errors import UserError
 from gatrep.report import charts, sections
@@ -473,6 +473,7 @@ def run(cfg: ReportConfig) -> dict[str, Any]:
     """Build and write the report, printing a warning line on stderr for every section that could not be read;
     returns build's summary with the output URI under "out". Refuses (StageError) a run root that does not exist,
     since every section would only say "not run"."""
+    cfg = dataclasses.replace(cfg, run=versions.resolve(cfg.run, cfg.version), version="")
     fs, path = io.url_to_fs(cfg.run)
     if not fs.exists(path):
         raise io.StageError(f"run root {cfg.run!r} does not exist; pass the --run of a pipeline run")

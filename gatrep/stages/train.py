@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from gatrep import io, models, sampling, schemas, stages, vectors
-from gatrep.config import ModelConfig, TrainConfig, to_dict
+from gatrep.config import ConfigError, ModelConfig, TrainConfig, to_dict
 from gatrep.errors import UserError
 from gatrep.knn import GraphInputError
 from gatrep.models.epoch import train_epoch
@@ -194,7 +194,10 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     model = models.build_model(model_cfg)
     if model_cfg.standardise:  # every worker computes the same statistics from the same shared features
         model.fit_scaling(features)
-    start, history, optimizer_state = _restore(ray.train.get_checkpoint(), model, model_cfg)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and loop["init"] is not None:
+        model.load_state_dict(safetensors.torch.load(loop["init"]))  # fine-tuning: the earlier model's weights
+    start, history, optimizer_state = _restore(checkpoint, model, model_cfg)
     ddp_model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     optimizer = torch.optim.Adam(ddp_model.parameters(), lr=cfg.lr)
@@ -258,15 +261,16 @@ def share(inputs: TrainInputs) -> Shared:
 
 
 def fit(cfg: TrainConfig, shared: Shared, model_cfg: ModelConfig, storage: str,
-        fail_once: dict[str, Any] | None = None) -> ray.train.Result:
+        fail_once: dict[str, Any] | None = None, init: bytes | None = None) -> ray.train.Result:
     """Run Ray Train's TorchTrainer (DDP) over the shared features and neighbour table; returns its Result.
 
     Features and the neighbour table go to the object store once; workers on a node map the same
-    shared memory instead of each holding a copy. `fail_once` (tests) kills one worker once."""
+    shared memory instead of each holding a copy. `init` (safetensors bytes) are the starting weights when
+    there is no checkpoint yet; `fail_once` (tests) kills one worker once."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    loop = {"train": cfg, "model": model_cfg, "fail_once": fail_once,
+    loop = {"train": cfg, "model": model_cfg, "fail_once": fail_once, "init": init,
             "features": shared.features, "neighbours": shared.neighbours}
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})}
     trainer = TorchTrainer(
@@ -278,6 +282,18 @@ def fit(cfg: TrainConfig, shared: Shared, model_cfg: ModelConfig, storage: str,
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     return trainer.fit()
+
+
+def initial_weights(cfg: TrainConfig, model_cfg: ModelConfig) -> bytes | None:
+    """The weights of the model stage `cfg.init_from` (safetensors bytes), None without one. Refuses (ConfigError)
+    a model of other settings: its weights would not fit."""
+    if not cfg.init_from:
+        return None
+    model, saved_cfg = load_model_stage(cfg.init_from)
+    if saved_cfg != model_cfg:
+        raise ConfigError(f"--init-from {cfg.init_from} holds a model of other settings ({saved_cfg}) than asked "
+                          f"({model_cfg}); train from scratch without --init-from")
+    return bytes(safetensors.torch.save({k: v.contiguous() for k, v in model.state_dict().items()}))
 
 
 def _latents_task(weights: bytes, model: dict[str, Any], features: np.ndarray, neighbours: np.ndarray,
@@ -315,10 +331,11 @@ def run(cfg: TrainConfig, fail_once: dict[str, Any] | None = None) -> dict[str, 
         model_cfg = cfg.model_config(inputs.features.shape[1])
         storage = checkpoint_storage(cfg.run)
         resumed_from = check_checkpoints(storage, model_cfg, cfg.resume)
+        init = initial_weights(cfg, model_cfg)
         stages.init_ray()
         shared = share(inputs)
         with io.timed(timings, "train"):
-            result = fit(cfg, shared, model_cfg, storage, fail_once)
+            result = fit(cfg, shared, model_cfg, storage, fail_once, init)
         if result.checkpoint is None:
             raise RuntimeError(f"training in {storage} reported no checkpoint; see the Ray Train log above")
         with result.checkpoint.as_directory() as directory:
@@ -394,6 +411,7 @@ def summary(manifests: dict[str, Any]) -> str:
         f"model: {model['model']['encoder']} autoencoder, {model['rows']} nodes, {model['epochs']} epochs, "
         f"final loss {model['final_loss']:.6f}"
         + (f" (resumed from epoch {model['resumed_from_epoch']})" if model["resumed_from_epoch"] else "")
+        + (f", fine-tuned from {model['config']['init_from']}" if model["config"].get("init_from") else "")
         + (" [already published: reused]" if model.get("reused") else ""),
         f"  latents: {latents['rows']} context-aware latents of {latents['latent_dim']} dims",
         f"  timings (s): {model['timings']}",

@@ -1,0 +1,5 @@
+"""`python -m jobs.categorize`: see `gatrep.cli` and the job's `--help`."""
+from gatrep.cli import run_job
+
+if __name__ == "__main__":
+    raise SystemExit(run_job("categorize"))
