@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import functools
 import hashlib
 import io
 import math
 import os
+import time
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
 import numpy as np
@@ -37,6 +41,16 @@ _DECODED_SIGNATURES = (
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey image
 _ORIENTATION = 0x0112  # the EXIF tag
+
+READ_TRIES = 3  # reads of one file, in all, before a transient error makes it `unreadable`
+READ_BACKOFF_S = 0.5  # the sleep before the second read; doubled before each later one
+
+# OSError numbers that object-store clients give a failure that passes: s3fs turns 503 SlowDown and
+# ServiceUnavailable into EBUSY, 500 InternalError into EREMOTEIO, and codes it does not know (502, 504
+# from a proxy) into EIO. A missing file (ENOENT) or a refusal (EACCES, EPERM) never passes by itself.
+_TRANSIENT_ERRNOS = frozenset({errno.EBUSY, getattr(errno, "EREMOTEIO", errno.EIO), errno.EIO, errno.EAGAIN})
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,17 +105,70 @@ def content_id(data: bytes) -> str:
 def read_file(uri: str, max_bytes: int) -> tuple[bytes | None, Decoded | None]:
     """(bytes, None), or (None, a refusal) when the URI cannot be read or is over `max_bytes`.
 
-    A URI without a protocol is a local path and is opened as one: fsspec would read `::` in a file
-    name as URL chaining. A local name that io.discover_inputs escaped (not valid UTF-8) is opened by
-    its original bytes."""
-    try:
+    A transient error (see `transient`) is retried; a permanent one, or a transient one still there
+    after READ_TRIES reads, makes the file `unreadable`, with the error in the message. A URI without a
+    protocol is a local path and is opened as one: fsspec would read `::` in a file name as URL
+    chaining. A local name that io.discover_inputs escaped (not valid UTF-8) is opened by its original
+    bytes."""
+    def read() -> bytes:
         with _open(uri) as f:
-            data = f.read(max_bytes + 1)
+            return bytes(f.read(max_bytes + 1))
+
+    try:
+        data = with_retries(read)
     except Exception as err:  # any backend error: missing file, permissions, network
-        return None, Decoded(schemas.UNREADABLE, f"could not read {uri}: {type(err).__name__}: {err}")
+        tries = f" ({READ_TRIES} tries)" if transient(err) else ""
+        return None, Decoded(schemas.UNREADABLE, f"could not read {uri}{tries}: {type(err).__name__}: {err}")
     if len(data) > max_bytes:
         return None, Decoded(schemas.TOO_LARGE, f"file is larger than the {max_bytes}-byte limit")
     return data, None
+
+
+def with_retries(read: Callable[[], T]) -> T:
+    """`read()`, called again after a short, doubling sleep while it raises a transient error, READ_TRIES times
+    in all. Raises a permanent error at once, and the last try's error."""
+    for attempt in range(READ_TRIES - 1):
+        try:
+            return read()
+        except Exception as err:
+            if not transient(err):
+                raise
+            time.sleep(READ_BACKOFF_S * 2**attempt)
+    return read()
+
+
+def transient(err: BaseException) -> bool:
+    """Whether a read error says the network or the store failed for a moment, so that the same read may work
+    a second later: a refused, reset or timed-out connection, a 5xx or throttling answer from an object store.
+    A missing file, a refusal or anything unknown is permanent: trying again would only say the same."""
+    if isinstance(err, (ConnectionError, TimeoutError, *_client_transients())):  # many are OSErrors without errno
+        return True
+    if isinstance(err, OSError):
+        return err.errno in _TRANSIENT_ERRNOS
+    # An HTTP status carried by the error: aiohttp's ClientResponseError (fsspec's HTTP filesystem), gcsfs's HttpError.
+    status = getattr(err, "status", None) or getattr(err, "code", None)
+    return isinstance(status, int) and (status == 429 or 500 <= status < 600)
+
+
+@functools.cache
+def _client_transients() -> tuple[type[BaseException], ...]:
+    """The network errors of the clients fsspec's object stores use, when installed: botocore's failed or
+    dropped connections and read timeouts (what s3fs raises once its own retries are spent) and aiohttp's
+    (gcsfs, HTTP)."""
+    found: list[type[BaseException]] = []
+    try:
+        from botocore import exceptions as boto
+
+        found += [boto.ConnectionError, boto.HTTPClientError]
+    except ImportError:
+        pass
+    try:
+        import aiohttp
+
+        found += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError]
+    except ImportError:
+        pass
+    return tuple(found)
 
 
 def _open(uri: str) -> Any:
