@@ -1,7 +1,14 @@
-"""Fixtures shared by the test modules: one local Ray per module that asks for it, and stage writers."""
+"""Fixtures shared by the test modules: one local Ray per module that asks for it, stage writers, and an S3
+bucket on a loopback moto server."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import os
+import pathlib
+import secrets
+import sys
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -70,3 +77,82 @@ def write_embeddings() -> Callable[..., str]:
     """`write_embeddings(run, vectors, listings=, categories=, status=, dtype=, publish=)`: a published
     embeddings stage of hand-made vectors; returns its URI."""
     return publish_embeddings
+
+
+# ----------------------------------------------------------------------------------------------
+# Object storage: a real S3-compatible server (moto's server mode) on loopback
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Bucket:
+    """A bucket on the loopback S3 server. `uri` is "s3://<bucket>"; `secret` is the sentinel secret access
+    key every client in the session signs with (botocore, s3fs, pyarrow, Ray workers): it must never show up
+    in anything gatrep writes or prints. The bucket lives as long as the session: give each test a prefix
+    of its own."""
+
+    uri: str
+    endpoint: str
+    secret: str
+
+    def upload(self, local_dir: str | os.PathLike[str], uri: str) -> str:
+        """Copy every file under `local_dir` to the same relative keys under `uri` (an s3:// prefix in this
+        bucket); returns `uri`."""
+        import s3fs
+
+        fs = s3fs.S3FileSystem()
+        root = pathlib.Path(local_dir)
+        files = {io.join(uri, p.relative_to(root).as_posix()): p.read_bytes()
+                 for p in sorted(root.rglob("*")) if p.is_file()}
+        assert files, f"nothing to upload under {root}"
+        fs.pipe(files)
+        fs.invalidate_cache()
+        return uri
+
+    def objects(self, prefix: str = "") -> dict[str, bytes]:
+        """Every object of the bucket under `prefix` (a key prefix, or an s3:// URI), as {s3 URI: bytes}."""
+        import s3fs
+
+        fs = s3fs.S3FileSystem()
+        fs.invalidate_cache()
+        root = prefix if prefix.startswith("s3://") else io.join(self.uri, prefix)
+        return {f"s3://{key}": fs.cat_file(key) for key in fs.find(root)}
+
+
+@pytest.fixture(scope="session")
+def s3_bucket() -> Iterator[S3Bucket]:
+    """`S3Bucket` on a moto server on 127.0.0.1 (a free port), in memory, for the whole session.
+
+    Clients find it the usual way, through the environment: AWS_ENDPOINT_URL_S3 (botocore, hence s3fs,
+    and pyarrow, which Ray Data uses, read it), AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (the sentinel
+    `S3Bucket.secret`) and AWS_DEFAULT_REGION. Pytest sets a session fixture up before the module fixtures of
+    the same test, so the Ray instance of `local_ray` and its workers inherit that environment: name it in
+    the module's pytestmark, `pytest.mark.usefixtures("s3_bucket", "local_ray")`. Any AWS profile or credentials
+    file of the machine is hidden so that nothing else is ever signed for or sent."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        pytest.fail("s3_bucket must be set up before local_ray, whose workers would not see the S3 settings: "
+                    "request it in the module's pytestmark (usefixtures) or in its first test")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    bucket = S3Bucket("s3://gatrep-test", f"http://{host}:{port}", f"sentinel-{secrets.token_hex(16)}")
+    environment = {
+        "AWS_ENDPOINT_URL_S3": bucket.endpoint, "AWS_ACCESS_KEY_ID": "gatrep-test-key",
+        "AWS_SECRET_ACCESS_KEY": bucket.secret, "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in environment.items():
+            patch.setenv(name, value)
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+            patch.delenv(name, raising=False)
+        s3fs.S3FileSystem.clear_instance_cache()  # an instance made before would keep its old settings
+        s3fs.S3FileSystem().mkdir(bucket.uri)
+        try:
+            yield bucket
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
+            server.stop()
