@@ -381,8 +381,9 @@ def stage_lock(stage_uri: str) -> Iterator[None]:
         yield
     finally:
         fs.rm_file(lock)
-        if not existed and not fs.ls(path, detail=False):
-            fs.rmdir(path)  # a refused first run leaves no empty stage folder behind
+        # A refused first run leaves no empty stage folder behind (on an object store an empty prefix is gone already).
+        if not existed and fs.exists(path) and not fs.ls(path, detail=False):
+            fs.rmdir(path)
 
 
 def _create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:

@@ -324,8 +324,8 @@ def test_entrypoints_run_known_jobs_with_uri_flags() -> None:
 
 
 def _documented_commands() -> list[str]:
-    """Every `python -m jobs.X --flag ...` command in cluster/ (docs, manifests, entrypoints)."""
-    texts = [p.read_text() for p in sorted(CLUSTER.rglob("*")) if p.suffix in (".md", ".yaml")]
+    """Every `python -m jobs.X --flag ...` command in README.md and cluster/ (docs, manifests, entrypoints)."""
+    texts = [p.read_text() for p in [REPO / "README.md", *sorted(CLUSTER.rglob("*"))] if p.suffix in (".md", ".yaml")]
     # A backslash at the end of a line, or a flag at the start of the next (a folded YAML entrypoint), continues it.
     lines = [line for t in [*texts, *_entrypoints().values()]
              for line in re.sub(r"\\\n\s*|\n\s*(?=--\w)", " ", t).splitlines()]

@@ -1,4 +1,4 @@
-"""`ray job submit` end to end: a head started with `ray start --head`, the pipeline submitted to it as a job."""
+"""`ray job submit` end to end: a head started with `ray start --head`, the nightly re-index submitted as a job."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gatrep import datasets, io, pipeline, schemas
+from gatrep import datasets, io, schemas, versions
 
 pytestmark = pytest.mark.ray
 
@@ -156,7 +156,7 @@ def _wait(client, job_id: str, timeout_s: float):
     return status
 
 
-def test_pipeline_job_runs_on_the_submitted_cluster(head):
+def test_reindex_job_runs_on_the_submitted_cluster(head):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     # The head checks tokens: a request without one is refused (what `ray job submit` meets without
@@ -165,12 +165,11 @@ def test_pipeline_job_runs_on_the_submitted_cluster(head):
         urllib.request.urlopen(f"{head.dashboard}/api/jobs/", timeout=30)
     assert refused.value.code == 401
 
-    tree = datasets.write_digits(str(head.root / "data" / "index"), size=16, limit=100, holdout=0.3,
-                                 query_root=str(head.root / "data" / "queries"))
-    assert tree.query is not None and len(tree.query.files) == 30
+    # The nightly job, as the RayCronJob submits it: embed -> graph -> train -> both indexes -> CURRENT.
+    tree = datasets.write_digits(str(head.root / "data" / "index"), size=16, limit=100)
     run = head.root / "run"
-    entrypoint = (f"python -m jobs.pipeline --input {tree.root} --queries {tree.query.root} --run {run} "
-                  "--backbone tiny-random --k 5 --epochs 2 --hog false")
+    entrypoint = (f"python -m jobs.reindex --input {tree.root} --run {run} --backbone tiny-random --k 5 "
+                  "--epochs 2")
     # The SDK sends the token itself only when RAY_AUTH_MODE=token was in this process's environment when Ray
     # read its config; an explicit header works whatever ran before in this process.
     client = JobSubmissionClient(head.dashboard, headers={"Authorization": f"Bearer {head.token}"})
@@ -187,16 +186,15 @@ def test_pipeline_job_runs_on_the_submitted_cluster(head):
     assert re.search(rf"Connecting to existing Ray cluster at address: \S+:{head.gcs_port}\b", logs), logs[-3000:]
     assert "Started a local Ray instance" not in logs
     assert info.runtime_env["working_dir"].startswith("gcs://")  # the checkout was uploaded, not read in place
-    assert "pipeline finished" in logs
+    assert "reindex: published v0001" in logs
 
-    # What it published: the evaluation over one results stage per method, each with one row per query.
-    evaluation = io.read_manifest(str(run / schemas.EVALUATION), schemas.EVALUATION)
-    stages = evaluation["config"]["results"]
-    assert len(stages) == len(pipeline.METHODS) and evaluation["rows"] == len(stages), evaluation
-    for stage in stages:
-        results, manifest = io.read_table(str(run / stage), schemas.RESULTS)
-        assert sorted(results[schemas.URI].to_pylist()) == sorted(tree.query.uris()), stage
-        assert manifest["counts"] == {"ok": 30}, (stage, manifest["counts"])
+    # What it published: a complete version, named by the pointer, with every image embedded and both indexes.
+    assert versions.current(str(run))["version"] == "v0001"
+    root = versions.resolve(str(run))
+    embeddings, manifest = io.read_table(io.join(root, schemas.EMBEDDINGS), schemas.EMBEDDINGS)
+    assert sorted(embeddings[schemas.URI].to_pylist()) == sorted(tree.uris()) and manifest["counts"] == {"ok": 100}
+    for index in (schemas.INDEX, "index-raw"):
+        assert io.read_manifest(io.join(root, index), schemas.INDEX)["rows"] == 100
 
     # The README's client setup: `ray job ...` sends the token in its environment only with RAY_AUTH_MODE=token.
     status_cli = [str(BIN / "ray"), "job", "status", "--address", head.dashboard, job_id]

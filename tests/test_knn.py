@@ -127,3 +127,30 @@ def test_pynndescent_still_compiles_after_ray_data_showed_progress():
     finally:
         ray.shutdown()
         builtins.print = original
+
+
+def test_update_knn_equals_a_rebuild_after_adding_removing_and_changing_nodes() -> None:
+    rng = np.random.default_rng(0)
+    old = normalise(rng.standard_normal((300, 8)))
+    old_neighbours, old_sims = exact_knn(old, 5)
+    kept = np.sort(rng.choice(300, size=290, replace=False))  # 10 removed
+    new, previous = old[kept].copy(), kept.astype(np.int64)
+    changed = rng.choice(len(new), size=5, replace=False)
+    new[changed], previous[changed] = normalise(rng.standard_normal((5, 8))), PAD
+    new = np.concatenate([new, normalise(rng.standard_normal((20, 8)))])
+    previous = np.concatenate([previous, np.full(20, PAD)])
+
+    neighbours, sims, counts = knn.update_knn(new, previous, old_neighbours, old_sims)
+
+    expected_neighbours, expected_sims = exact_knn(new, 5)
+    np.testing.assert_array_equal(neighbours, expected_neighbours)
+    np.testing.assert_allclose(sims, expected_sims, atol=1e-6)
+    assert counts["new_nodes"] == 25 and counts["searched_again"] > 0 and counts["lists_repaired"] > 0
+
+
+def test_update_knn_without_changes_keeps_every_list() -> None:
+    vectors = normalise(np.random.default_rng(1).standard_normal((50, 4)))
+    neighbours, sims = exact_knn(vectors, 3)
+    updated, updated_sims, counts = knn.update_knn(vectors, np.arange(50), neighbours, sims)
+    np.testing.assert_array_equal(updated, neighbours)
+    assert counts == {"new_nodes": 0, "searched_again": 0, "lists_repaired": 0}

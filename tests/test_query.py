@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gatrep import categorize as query
-from gatrep.categorize import CategoryIndex, Searcher
+from gatrep.categorize import CategoryIndex, Searcher, review
 from gatrep.stages.index import IndexFileError, load_retrieval_index, save_retrieval_index
 from gatrep.vectors import exact_topk, normalise
 
@@ -163,3 +163,23 @@ def test_exact_index_round_trips_without_pickles(tmp_path):
     (tmp_path / "catalog.parquet").unlink()
     with pytest.raises(IndexFileError, match="missing catalog.parquet"):
         load_retrieval_index(str(tmp_path))
+
+
+def test_review_flags_close_calls_and_uploads_unlike_every_category():
+    scores = np.array([[0.7, 0.3, 0.0], [0.4, 0.3, 0.3], [0.9, 0.1, 0.0]])
+    best = np.array([[0.95, 0.5, 0.4], [0.9, 0.9, 0.2], [0.5, 0.3, 0.2]])  # upload 3: far from everything
+    typical = np.array([0.8, 0.8, np.nan])  # the third category has one image: no typical similarity
+    confidence, reasons = review(scores, best, typical, min_confidence=0.2)
+    np.testing.assert_allclose(confidence, [0.4, 0.1, 0.8], atol=1e-6)
+    assert list(reasons) == [None, "low_confidence", "unlike_every_category"]
+    _, exactly_at = review(np.array([[0.3, 0.1]]), np.array([[0.9, 0.9]]), np.array([0.5, 0.5]), 0.2)
+    assert list(exactly_at) == [None]  # a margin of exactly min_confidence is confident enough
+
+
+def test_typical_similarity_and_best_per_category():
+    x = normalise(np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9], [0.7, 0.7]], dtype=np.float32))
+    index = CategoryIndex.build(x, ["a", "b", "c", "d", "e"], ["p", "p", "q", "q", "r"])
+    typical = index.typical_similarity()
+    assert typical[:2] == pytest.approx([float(x[0] @ x[1])] * 2, abs=1e-6) and math.isnan(typical[2])
+    best = index.best_per_category(np.array([[1.0, 0.0]]))
+    assert best[0] == pytest.approx([1.0, float(x[3, 0]), float(x[4, 0])], abs=1e-6)

@@ -32,6 +32,7 @@ from gatrep.vectors import PAD
 NAME = "train"
 CONFIG = TrainConfig
 DESCRIPTION = "Train the graph autoencoder on <--run>/graph; write model and latents."
+LINEAGE_FILE = "_lineage.json"  # beside the checkpoints: the inputs and settings they were trained with
 RUN_NAME = "train"  # Ray Train run name inside the checkpoint storage; a rerun with the same name resumes
 METRICS_FILE = schemas.METRICS_FILE
 OPTIMIZER_FILE = "optimizer.pt"
@@ -103,16 +104,30 @@ def checkpoint_storage(run: str) -> str:
     return io.full_uri(*io.url_to_fs(io.join(run, schemas.MODEL, "_checkpoints")))
 
 
-def check_checkpoints(storage: str, model_cfg: ModelConfig, resume: bool) -> int:
-    """The last checkpointed epoch in `storage` (0 if none), after removing them all when `resume` is False.
+# Training settings a checkpoint is only valid for (with the graph and embeddings it was trained on); --epochs may
+# grow between runs (a rerun trains on from the last checkpoint), and how many workers share the work may change.
+LINEAGE_SETTINGS = ("seed", "lr", "batch_size", "num_neighbors", "init_from", "max_batches")
+
+
+def check_checkpoints(storage: str, model_cfg: ModelConfig, resume: bool, lineage: dict[str, Any]) -> int:
+    """The last checkpointed epoch in `storage` (0 if none), after removing them all when `resume` is False or
+    they were trained on other inputs or settings than `lineage` says (printing why); `lineage` is then recorded.
 
     Raises CheckpointMismatch, naming the checkpoint and the fields that differ, when the checkpoints
     were written for another model config, before anything runs or is written."""
     fs, path = io.url_to_fs(io.join(storage, RUN_NAME))
-    if not resume and fs.exists(path):
+    record = posixpath.join(io.url_to_fs(storage)[1], LINEAGE_FILE)
+    wanted_lineage = json.loads(json.dumps(lineage))
+    stale = fs.exists(path) and (not fs.exists(record) or json.loads(fs.cat_file(record)) != wanted_lineage)
+    if stale and resume:
+        print(f"{storage}: the checkpoints there were trained on other inputs or settings; training starts over",
+              flush=True)
+    if (not resume or stale) and fs.exists(path):
         fs.rm(path, recursive=True)
     configs = sorted(fs.glob(posixpath.join(path, "checkpoint_*", models.CONFIG_FILE)))
     if not configs:
+        fs.makedirs(posixpath.dirname(record), exist_ok=True)
+        fs.pipe_file(record, json.dumps(wanted_lineage, sort_keys=True).encode())
         return 0
     document = json.loads(fs.cat_file(configs[-1]))
     saved = document.get("model", {})
@@ -330,7 +345,8 @@ def run(cfg: TrainConfig, fail_once: dict[str, Any] | None = None) -> dict[str, 
         check_size(inputs, cfg)
         model_cfg = cfg.model_config(inputs.features.shape[1])
         storage = checkpoint_storage(cfg.run)
-        resumed_from = check_checkpoints(storage, model_cfg, cfg.resume)
+        lineage = {"upstream": inputs.upstream, "train": {k: getattr(cfg, k) for k in LINEAGE_SETTINGS}}
+        resumed_from = check_checkpoints(storage, model_cfg, cfg.resume, lineage)
         init = initial_weights(cfg, model_cfg)
         stages.init_ray()
         shared = share(inputs)
