@@ -1,5 +1,6 @@
-"""The pipeline with its inputs and run root at s3:// URIs on a real S3 server (moto, on loopback: the
-`s3_bucket` fixture), and no credential in anything it writes or prints."""
+"""The whole pipeline end to end (embed, graph, train, indexes, queries, evaluation, report) with its inputs and run
+root at s3:// URIs on a real S3 server (moto, on loopback: the `s3_bucket` fixture), and no credential in anything
+it writes or prints."""
 
 from __future__ import annotations
 
@@ -21,12 +22,14 @@ INDEXES = ("index", "index-raw")  # the GAT-AE index and the raw-feature baselin
 
 def write_inputs(tmp_path, s3_bucket, prefix):
     """60 digits (48 indexed, 12 queries) uploaded to `<prefix>/digits` and `<prefix>/queries`; the queries are
-    a CSV manifest that also lists a file that does not exist. Returns (input URI, queries URI, tree)."""
+    a CSV manifest that also lists a truncated PNG and a file that does not exist. Returns (input URI, queries
+    URI, tree)."""
     tree = datasets.write_digits(str(tmp_path / "digits"), size=16, limit=60, holdout=0.2,
                                  query_root=str(tmp_path / "queries"))
     assert tree.query is not None
+    (tmp_path / "queries" / "digit-1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     lines = ["uri,listing,category", *(f"{f},,{f.split('/')[0]}" for f in tree.query.files),
-             "digit-0/missing.png,,digit-0"]
+             "digit-0/missing.png,,digit-0", "digit-1/broken.png,,digit-1"]
     (tmp_path / "queries" / "queries.csv").write_text("\n".join(lines) + "\n")
     source = s3_bucket.upload(tmp_path / "digits", io.join(prefix, "digits"))
     queries = s3_bucket.upload(tmp_path / "queries", io.join(prefix, "queries"))
@@ -50,17 +53,26 @@ def test_pipeline_on_s3_publishes_every_stage_and_leaks_no_secret(tmp_path, s3_b
     for index in INDEXES:
         io.read_manifest(io.join(run, index), schemas.INDEX)
     query_rows, _ = io.read_table(io.join(run, "query-embeddings"), schemas.EMBEDDINGS)
-    missing = [r for r in query_rows.to_pylist() if r["status"] != schemas.OK]
-    assert len(missing) == 1 and missing[0]["status"] == schemas.UNREADABLE
+    missing = [r for r in query_rows.to_pylist() if r["status"] == schemas.UNREADABLE]
+    assert len(missing) == 1
     gone = io.join(prefix, "queries", "digit-0", "missing.png")
     assert missing[0]["error"].startswith(f"could not read {gone}: FileNotFoundError")  # permanent: read once
     results, manifest = io.read_table(io.join(run, "results-index-single-context-aware"), schemas.RESULTS)
-    assert results.num_rows == 13 and manifest["counts"] == {"ok": 12, "unreadable": 1}
+    assert results.num_rows == 14 and manifest["counts"] == {"ok": 12, "truncated": 1, "unreadable": 1}
+    schemas.validate(results.schema, schemas.results(), "results")
+    bad = [r for r in results.to_pylist() if r["status"] != schemas.OK]
+    assert all(r["category"] is None and r["matches"] is None for r in bad)
+    good = [r for r in results.to_pylist() if r["status"] == schemas.OK]
+    assert all(0 < len(r["matches"]) <= 4 and len(r["category_scores"]) == 10 for r in good)
+    assert all(r["matches"][0]["score"] >= r["matches"][-1]["score"] for r in good)
     evaluation_uri = io.join(run, "evaluation")
     manifest = io.read_manifest(evaluation_uri, schemas.EVALUATION)
     assert result["evaluation"]["files"] == manifest["files"]
     methods = json.loads(io.read_text_file(evaluation_uri, manifest, schemas.EVALUATION_FILE) or "")["methods"]
-    assert len(methods) == 6 and all(m["judged"] == 12 and m["left_out"] == 1 for m in methods)
+    assert [m["name"] for m in methods] == ["index/single/category-aware", "index/single/context-aware",
+                                            "index/knn/context-aware", "index-raw/single", "index-raw/max",
+                                            "index-raw/knn"]
+    assert all(m["judged"] == 12 and m["left_out"] == 2 for m in methods)
 
     objects = s3_bucket.objects(run)
     assert any(uri.endswith("_manifest.json") for uri in objects)

@@ -80,6 +80,9 @@ def run(cfg: GraphConfig) -> dict[str, Any]:
         with io.timed(timings, "read"):
             nodes, embeddings_manifest = read_nodes(embeddings_uri)
         upstream = {schemas.EMBEDDINGS: io.upstream_of(embeddings_manifest, embeddings_uri)}
+        old = read_graph(cfg.update_from) if cfg.update_from else None
+        if old is not None:
+            upstream["previous_graph"] = io.upstream_of(old.manifest, cfg.update_from)
         previous = io.up_to_date(stage_uri, NAME, to_dict(cfg), upstream)
         if previous is not None:
             return previous
@@ -87,10 +90,8 @@ def run(cfg: GraphConfig) -> dict[str, Any]:
         unit, groups = nodes.vectors[selected], nodes.groups(cfg.group_by)[selected]
         check_size(len(selected), cfg, embeddings_uri)
         with io.timed(timings, "build"):
-            if cfg.update_from:
-                old = read_graph(cfg.update_from)
+            if old is not None:
                 neighbours, similarities, counts = _update(nodes, old, cfg)
-                upstream["previous_graph"] = io.upstream_of(old.manifest, cfg.update_from)
             else:
                 neighbours, similarities, counts = knn.grouped_knn(
                     unit, groups, cfg.k, cfg.exact_below, metric=cfg.metric, n_jobs=cfg.n_jobs, seed=cfg.seed,
