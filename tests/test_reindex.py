@@ -29,7 +29,7 @@ from gatrep.stages.train import load_model_stage
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("s3_bucket", "local_ray")]  # S3 settings before Ray starts
 REPO = Path(__file__).resolve().parents[1]
-FLAGS = {"backbone": "tiny-random", "k": 4, "epochs": 2, "fine_tune_epochs": 30}
+FLAGS = {"backbone": "tiny-random", "k": 4, "epochs": 2, "fine_tune_epochs": 2}
 
 
 def config(tree: str, run: str, **changes: Any) -> ReindexConfig:
@@ -208,7 +208,7 @@ def test_a_killed_reindex_leaves_the_old_version_current_and_a_rerun_finishes_it
 
 def test_no_secret_in_anything_written_or_printed(built: dict[str, Any], s3_bucket, capfd) -> None:
     assert cli.run_job("reindex", ["--input", built["source"], "--run", built["run"], "--backbone", "tiny-random",
-                                   "--k", "4", "--epochs", "2", "--fine-tune-epochs", "30"]) == 0
+                                   "--k", "4", "--epochs", "2", "--fine-tune-epochs", "2"]) == 0
     printed = capfd.readouterr()
     assert "nothing published" in printed.out
     assert_no_secret(s3_bucket.secret, {**s3_bucket.objects(built["prefix"]), **ray_logs(),
