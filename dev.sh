@@ -43,9 +43,7 @@ case "${1:-}" in
     "$VENV/bin/ruff" check .
     "$VENV/bin/mypy" --explicit-package-bases gatrep jobs bench
     ensure_chromium
-    # Two pytest workers, each taking whole modules (every module's tests share one local Ray): the end-to-end
-    # tests spend most of their time waiting on Ray's start-up, so two at once nearly halve the wall time.
-    "$VENV/bin/pytest" -q -p no:cacheprovider -n 2 --dist loadfile "$@"
+    "$VENV/bin/pytest" -q -p no:cacheprovider "$@"
     ;;
   *)
     echo "usage: ./dev.sh demo [pipeline flags] | ./dev.sh test [pytest flags]" >&2
