@@ -285,6 +285,10 @@ class TrainConfig(ModelSettings):
     max_batches: int = dataclasses.field(
         default=0, metadata={"help": "mini-batches per epoch and worker; 0 = all (a smaller value for smoke runs)"}
     )
+    checkpoint_every_s: float = dataclasses.field(
+        default=60.0, metadata={"help": "seconds between checkpoints (a rerun or a failed worker resumes from the "
+                                        "last one); the last epoch is always checkpointed; 0 = every epoch"},
+    )
     init_from: str = dataclasses.field(
         default="", metadata={"help": "a model stage (URI) whose weights training starts from: --epochs more epochs "
                                       "of fine-tuning (jobs.reindex sets it); '' = random weights"},
@@ -301,6 +305,8 @@ class TrainConfig(ModelSettings):
             raise ConfigError(f"the encoders have 2 graph layers: give 2 num_neighbors, not {self.num_neighbors}")
         if self.lr <= 0 or self.gpus_per_worker < 0 or self.threads_per_worker < 0 or self.max_batches < 0:
             raise ConfigError("lr must be positive; gpus_per_worker, threads_per_worker and max_batches >= 0")
+        if self.checkpoint_every_s < 0:
+            raise ConfigError(f"checkpoint_every_s must be >= 0, not {self.checkpoint_every_s}")
 
     def model_config(self, in_dim: int) -> ModelConfig:
         """The ModelConfig these flags describe for features of size `in_dim`."""

@@ -4,11 +4,13 @@ worker, resume, reuse, latents."""
 from __future__ import annotations
 
 import json
+import posixpath
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from test_s3 import ray_logs
 
 from gatrep import cli, io, models, schemas
 from gatrep.config import TrainConfig
@@ -38,7 +40,7 @@ def _metrics(run: str) -> list[dict]:
 
 def test_two_workers_survive_a_killed_worker_and_write_latents(local_ray: None, run: str, tmp_path: Path) -> None:
     cfg = TrainConfig(run=run, epochs=3, hidden=8, heads=2, latent_dim=16, decoder_hidden=(16,), batch_size=64,
-                      lr=0.01, workers=2, max_failures=1, inference_batch_size=100)
+                      lr=0.01, workers=2, max_failures=1, inference_batch_size=100, checkpoint_every_s=0)
     marker = tmp_path / "killed"
     manifests = train.run(cfg, fail_once={"epoch": 2, "rank": 1, "marker": str(marker)})
     assert marker.exists(), "the fault injection must have killed rank 1"
@@ -62,19 +64,29 @@ def test_two_workers_survive_a_killed_worker_and_write_latents(local_ray: None, 
     assert latents_manifest["upstream"]["model"]["created"] == manifests["model"]["created"]
 
 
+def _checkpointed_epochs(run: str) -> list[int]:
+    kept = (Path(train.checkpoint_storage(run)) / train.RUN_NAME).glob("checkpoint_epoch_*")
+    return sorted(int(p.name.rsplit("_", 1)[1]) for p in kept)
+
+
 def test_rerun_with_more_epochs_resumes_from_the_last_checkpoint(local_ray: None, run: str,
                                                                  capsys: pytest.CaptureFixture) -> None:
-    assert cli.run_job("train", ["--run", run, "--epochs", "4", *SMALL]) == 0
+    assert _checkpointed_epochs(run) == [2, 3]  # every epoch (--checkpoint-every-s 0), the last two kept
+    assert cli.run_job("train", ["--run", run, "--epochs", "5", *SMALL]) == 0
     assert "resumed from epoch 3" in capsys.readouterr().out
+    printed = [line for name, data in ray_logs().items() if posixpath.basename(name).startswith("worker-")
+               for line in data.decode(errors="replace").splitlines() if "Epoch 5/5 Loss" in line]
+    assert len(printed) == 1, printed  # once, not twice (Ray Train's print also logs)
     metrics = _metrics(run)
-    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]
-    assert metrics[-1]["resumed"] is True
+    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4, 5]
+    assert metrics[-1]["resumed"] is False and metrics[-2]["resumed"] is True
+    assert _checkpointed_epochs(run) == [3, 5]  # the default 60 s between checkpoints: only the last epoch's
 
 
 def test_rerun_with_the_same_config_and_inputs_reuses_model_and_latents(local_ray: None, run: str,
                                                                         capsys: pytest.CaptureFixture) -> None:
     before = {stage: (Path(run) / stage / io.MANIFEST).read_text() for stage in ("model", "latents")}
-    assert cli.run_job("train", ["--run", run, "--epochs", "4", *SMALL]) == 0
+    assert cli.run_job("train", ["--run", run, "--epochs", "5", *SMALL]) == 0
     assert "[already published: reused]" in capsys.readouterr().out
     assert {stage: (Path(run) / stage / io.MANIFEST).read_text() for stage in ("model", "latents")} == before
 
@@ -82,7 +94,7 @@ def test_rerun_with_the_same_config_and_inputs_reuses_model_and_latents(local_ra
 def test_checkpoint_of_another_config_is_refused_before_anything_runs(local_ray: None, run: str,
                                                                       capsys: pytest.CaptureFixture) -> None:
     before = (Path(run) / "model" / io.MANIFEST).read_text()
-    argv = ["--run", run, "--epochs", "5", *SMALL]
+    argv = ["--run", run, "--epochs", "6", *SMALL]
     argv[argv.index("--heads") + 1] = "3"
     assert cli.run_job("train", argv) == 2
     err = capsys.readouterr().err

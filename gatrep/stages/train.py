@@ -7,7 +7,9 @@ import dataclasses
 import json
 import os
 import posixpath
+import sys
 import tempfile
+import time
 import warnings
 from typing import Any
 
@@ -197,7 +199,8 @@ def _mean_loss(stats_loss: float, seeds: int, device: torch.device) -> float:
 
 
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
-    """Ray Train worker: restore, then per epoch sample this worker's share, step, checkpoint, report."""
+    """Ray Train worker: restore, then per epoch sample this worker's share and step; report and checkpoint
+    every `checkpoint_every_s` seconds and after the last epoch."""
     cfg: TrainConfig = loop["train"]
     model_cfg: ModelConfig = loop["model"]
     torch.set_num_threads(cfg.threads_per_worker or cfg.cpus_per_worker)
@@ -218,6 +221,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     optimizer = torch.optim.Adam(ddp_model.parameters(), lr=cfg.lr)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
+    last_checkpoint = time.monotonic()
     for epoch in range(start, cfg.epochs):
         seeds = seed_shard(len(features), epoch, cfg.seed, rank, world)
         loader = sampling.make_loader(features, neighbours, seeds, cfg.num_neighbors, cfg.batch_size,
@@ -227,18 +231,39 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                   "seconds": round(stats.seconds, 3), "batches_per_worker": stats.batches,
                   "seeds": stats.seeds * world, "resumed": epoch == start and start > 0}
         history.append(record)
+        if rank == 0:
+            _say(f"Epoch {record['epoch']}/{cfg.epochs} Loss: {record['loss']:.6f} ({record['seconds']:.1f} s"
+                 + (", resumed from checkpoint" if record["resumed"] else "") + ")")
         _maybe_fail(loop.get("fail_once"), epoch + 1, rank)
-        _report(record, history, ddp_model, model_cfg, optimizer, rank, cfg.epochs)
+        due = epoch + 1 == cfg.epochs or time.monotonic() - last_checkpoint >= cfg.checkpoint_every_s
+        if _agree(due, device):
+            _checkpoint(record, history, ddp_model, model_cfg, optimizer, rank)
+            last_checkpoint = time.monotonic()
 
 
-def _report(record: dict[str, Any], history: list[dict[str, Any]], model: torch.nn.Module, model_cfg: ModelConfig,
-            optimizer: torch.optim.Optimizer, rank: int, epochs: int) -> None:
+def _say(line: str) -> None:
+    """One line on the worker's stdout. Ray Train replaces `print` in its workers with one that logs the line and,
+    since Ray wraps the worker's stdout, prints it as well: every line would show twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _agree(due: bool, device: torch.device) -> bool:
+    """Rank 0's `due` on every worker: ray.train.report is a collective that all ranks must call together, and
+    each worker's clock would decide differently."""
+    flag = torch.tensor([due], dtype=torch.uint8, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+def _checkpoint(record: dict[str, Any], history: list[dict[str, Any]], model: torch.nn.Module,
+                model_cfg: ModelConfig, optimizer: torch.optim.Optimizer, rank: int) -> None:
+    """Report `record`; rank 0 saves the checkpoint (weights, optimizer, the history so far) with it."""
     name = f"checkpoint_epoch_{record['epoch']:06d}"
     if rank != 0:
         ray.train.report(record, checkpoint_dir_name=name)
         return
-    print(f"Epoch {record['epoch']}/{epochs} Loss: {record['loss']:.6f} ({record['seconds']:.1f} s"
-          + (", resumed from checkpoint" if record["resumed"] else "") + ")", flush=True)
     with tempfile.TemporaryDirectory() as directory:
         _save_checkpoint(directory, model, model_cfg, optimizer, record["epoch"], history)
         ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(directory),
