@@ -568,6 +568,9 @@ class ReindexConfig:
     epochs: int = dataclasses.field(default=200, metadata={"help": "training epochs of a new model (the paper: 200)"})
     fine_tune_epochs: int = dataclasses.field(
         default=20, metadata={"help": "epochs of fine-tuning the current version's model on the new graph"})
+    fine_tune_lr: float = dataclasses.field(
+        default=1e-4, metadata={"help": "Adam learning rate of the fine-tuning; a tenth of training's (1e-3), since "
+                                        "Adam starts without its state and its first steps are full-size"})
     retrain: bool = dataclasses.field(
         default=False, metadata={"help": "train a new model for --epochs instead of fine-tuning the current one"})
     rebuild_above: float = dataclasses.field(
@@ -587,8 +590,8 @@ class ReindexConfig:
     def __post_init__(self) -> None:
         if not self.input and not self.rollback:
             raise ConfigError("--input is required (unless --rollback)")
-        if self.k <= 0 or self.epochs <= 0 or self.fine_tune_epochs <= 0 or self.keep < 1:
-            raise ConfigError("k, epochs and fine_tune_epochs must be positive, keep at least 1")
+        if self.k <= 0 or self.epochs <= 0 or self.fine_tune_epochs <= 0 or self.fine_tune_lr <= 0 or self.keep < 1:
+            raise ConfigError("k, epochs, fine_tune_epochs and fine_tune_lr must be positive, keep at least 1")
         if not 0 <= self.rebuild_above <= 1 or not 0 <= self.max_shrink <= 1:
             raise ConfigError("rebuild_above and max_shrink are shares between 0 and 1")
 

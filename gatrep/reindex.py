@@ -12,12 +12,14 @@ same command run again finishes the interrupted version, reusing the stages it h
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from gatrep import io, schemas, versions
 from gatrep.config import EmbedConfig, GraphConfig, IndexConfig, ReindexConfig, TrainConfig, to_dict
 from gatrep.errors import UserError
 from gatrep.pipeline import RAW, step
+from gatrep.stages import graph
 
 NAME = "reindex"
 CONFIG = ReindexConfig
@@ -54,13 +56,19 @@ def run(cfg: ReindexConfig) -> dict[str, Any]:
             _discard(target)
             return {"run": cfg.run, "version": base["version"], "published": False}
 
-        update = bool(change and change["fraction"] <= cfg.rebuild_above and _plain_graph(base_root, cfg.k))
-        step("graph", GraphConfig(run=target, k=cfg.k, seed=cfg.seed,
-                                  update_from=io.join(base_root, schemas.GRAPH) if update and base_root else ""))
+        graph_cfg = GraphConfig(run=target, k=cfg.k, seed=cfg.seed)
+        old_graph = io.join(base_root, schemas.GRAPH) if base_root else ""
+        update = bool(change and change["fraction"] <= cfg.rebuild_above  # a change implies a current version
+                      and graph.updatable(io.read_manifest(old_graph, schemas.GRAPH), graph_cfg))
+        if update:
+            graph_cfg = dataclasses.replace(graph_cfg, update_from=old_graph)
+        step("graph", graph_cfg)
         fine_tune = bool(base_root and same_backbone and not cfg.retrain)
-        step("train", TrainConfig(run=target, seed=cfg.seed,
-                                  epochs=cfg.fine_tune_epochs if fine_tune else cfg.epochs,
-                                  init_from=io.join(base_root, schemas.MODEL) if fine_tune and base_root else ""))
+        train_cfg = TrainConfig(run=target, seed=cfg.seed, epochs=cfg.epochs)
+        if fine_tune and base_root:
+            train_cfg = dataclasses.replace(train_cfg, epochs=cfg.fine_tune_epochs, lr=cfg.fine_tune_lr,
+                                            init_from=io.join(base_root, schemas.MODEL))
+        step("train", train_cfg)
         step("index", IndexConfig(run=target))
         step("index", IndexConfig(run=target, source=schemas.EMBEDDINGS, stage=RAW))
 
@@ -109,14 +117,6 @@ def _settings(config: dict[str, Any]) -> dict[str, Any]:
 
 def _embedding_settings(config: dict[str, Any]) -> tuple[Any, ...]:
     return config["backbone"], config["weights"]
-
-
-def _plain_graph(base_root: str | None, k: int) -> bool:
-    """Whether the current version's graph can be updated to k neighbours (a plain k-NN graph of every node)."""
-    if base_root is None:
-        return False
-    built = io.read_manifest(io.join(base_root, schemas.GRAPH), schemas.GRAPH)["config"]
-    return bool(built["k"] == k and not built["mutual"] and built["group_by"] == "none" and built["only"] is None)
 
 
 def _discard(target: str) -> None:

@@ -87,7 +87,7 @@ def test_a_reindex_publishes_a_new_version_and_switches_the_pointer_last(built: 
     assert graph.manifest["counts"]["new_nodes"] == 3 and graph.manifest["recall"]["value"] == 1.0
     model = io.read_manifest(io.join(root, schemas.MODEL), schemas.MODEL)
     assert model["config"]["init_from"] == io.join(versions.root(run, "v0001"), schemas.MODEL)
-    assert model["epochs"] == FLAGS["fine_tune_epochs"]
+    assert model["epochs"] == FLAGS["fine_tune_epochs"] and model["config"]["lr"] == ReindexConfig.fine_tune_lr
     assert "fine-tuned" in reindex.summary(second) and "3 added, 0 changed, 1 removed" in reindex.summary(second)
 
 

@@ -120,9 +120,7 @@ def _update(nodes: Nodes, old: Graph, cfg: GraphConfig) -> tuple[np.ndarray, np.
     """The graph of `nodes` updated from `old`, the graph stage at `cfg.update_from` (knn.update_knn): a node is
     the same as an old one when its uri and content hash are. Refuses (GraphInputError) an old graph of another k
     or metric, not plain k-NN, or no longer matching the embeddings it was built from."""
-    built = old.manifest["config"]
-    if (built["k"], built["metric"], built["mutual"], built["group_by"], built["only"]) != (
-            cfg.k, cfg.metric, False, "none", None):
+    if not updatable(old.manifest, cfg):
         raise GraphInputError(f"{cfg.update_from} is not a plain k={cfg.k} {cfg.metric} k-NN graph of every node; "
                               "build the graph anew (without --update-from)")
     record = old.manifest["upstream"][schemas.EMBEDDINGS]
@@ -137,6 +135,14 @@ def _update(nodes: Nodes, old: Graph, cfg: GraphConfig) -> tuple[np.ndarray, np.
     counts.update(groups=1, exact_groups=0, approximate_groups=0, groups_smaller_than_k_plus_1=0,
                   removed_nodes=len(old_nodes) - int((previous != PAD).sum()))
     return neighbours, similarities, counts
+
+
+def updatable(manifest: dict[str, Any], cfg: GraphConfig) -> bool:
+    """Whether the graph stage of `manifest` can be updated into the graph `cfg` asks for: both plain k-NN graphs of
+    every node (no --mutual, --group-by or --only) with the same k and metric."""
+    built = manifest["config"]
+    plain = (built["k"], built["metric"], built["mutual"], built["group_by"], built["only"])
+    return plain == (cfg.k, cfg.metric, False, "none", None) and not cfg.mutual and cfg.group_by == "none"
 
 
 def check_size(n: int, cfg: GraphConfig, embeddings_uri: str) -> None:
