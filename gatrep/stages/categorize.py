@@ -17,10 +17,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
-from gatrep import categorize, io, schemas, stages, vectors, versions
+from gatrep import categorize, io, schemas, stages, versions
 from gatrep.config import CategorizeConfig, EmbedConfig, QueryConfig, from_dict, to_dict
 from gatrep.pipeline import RAW
 from gatrep.stages import embed, query
@@ -44,14 +43,13 @@ class CategorizeMapper:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         stages.kill_once(self.fail_once)
-        results = self.query(batch)
+        ok, x = query.ok_vectors(batch)
+        results = self.query.results(batch, ok, x)
         n = batch.num_rows
-        ok = np.asarray(pc.is_valid(results[schemas.CATEGORY]).to_numpy(zero_copy_only=False), dtype=bool)
         confidence = np.full(n, np.nan, dtype=np.float32)
         best = np.full(n, np.nan, dtype=np.float32)
         reasons = np.array(results[schemas.STATUS].to_pylist(), dtype=object)  # a bad file: its status
         if ok.any():
-            x = vectors.from_arrow(batch[schemas.EMBEDDING].combine_chunks().filter(pa.array(ok)))
             per_category = self.raw.index.best_per_category(x)
             scores = np.array([[s[schemas.SCORE] for s in row]
                                for row in results[schemas.CATEGORY_SCORES].filter(pa.array(ok)).to_pylist()])

@@ -85,11 +85,11 @@ class QueryMapper:
             self.encoder = query_latents.QueryEncoder(model, features, neighbours, categories, image_ids)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        ok = np.asarray(pc.equal(batch[schemas.STATUS], schemas.OK).to_numpy(zero_copy_only=False), dtype=bool)
-        x = np.zeros((batch.num_rows, schemas.vector_dim(batch.schema, schemas.EMBEDDING)), np.float32)
-        if ok.any():
-            x[ok] = vectors.from_arrow(batch[schemas.EMBEDDING].combine_chunks().filter(pa.array(ok)))
-        columns = self._search(x[ok]).columns() if ok.any() else {}
+        return self.results(batch, *ok_vectors(batch))
+
+    def results(self, batch: pa.Table, ok: np.ndarray, x: np.ndarray) -> pa.Table:
+        """Result rows of `batch`, whose ok rows (mask `ok`) have the vectors `x`."""
+        columns = self._search(x).columns() if ok.any() else {}
         return _results_table(batch, ok, columns)
 
     def _search(self, x: np.ndarray) -> Any:
@@ -98,6 +98,14 @@ class QueryMapper:
             return self.searcher.search(x, cfg.k, cfg.scoring)
         return query_latents.search(self.searcher, self.encoder, x, cfg.query_latent, cfg.k, cfg.scoring,
                                     cfg.insert_k)
+
+
+def ok_vectors(batch: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(mask of the ok rows, their embedding vectors [ok rows, D]) of an embeddings batch."""
+    ok = np.asarray(pc.equal(batch[schemas.STATUS], schemas.OK).to_numpy(zero_copy_only=False), dtype=bool)
+    if not ok.any():
+        return ok, np.zeros((0, schemas.vector_dim(batch.schema, schemas.EMBEDDING)), np.float32)
+    return ok, vectors.from_arrow(batch[schemas.EMBEDDING].combine_chunks().filter(pa.array(ok)))
 
 
 def _results_table(batch: pa.Table, ok: np.ndarray, columns: dict[str, list[Any]]) -> pa.Table:
