@@ -545,10 +545,15 @@ class PipelineConfig:
     epochs: int = dataclasses.field(default=200, metadata={"help": "GAT-AE training epochs (the paper: 200)"})
     seed: int = dataclasses.field(default=0, metadata={"help": "seed of the autoencoder's weights and sampler"})
     hog: bool = dataclasses.field(default=True, metadata={"help": "also index and query the HOG baseline"})
+    methods: tuple[str, ...] = dataclasses.field(
+        default=(), metadata={"help": "the methods to query and evaluate, comma separated, named as in the evaluation "
+                                      "table (index/knn/context-aware,index-raw/knn); '' = all of them"})
 
     def __post_init__(self) -> None:
         if self.queries and not self.input:
             raise ConfigError("--queries needs --input (the demo brings its own queries)")
+        if self.methods and self.input and not self.queries:
+            raise ConfigError("--methods chooses which methods are queried: it needs --queries")
         if self.k <= 0 or self.epochs <= 0:
             raise ConfigError("k and epochs must be positive")
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from gatrep import io, schemas, stages
 from gatrep.config import (
+    ConfigError,
     EmbedConfig,
     EvaluateConfig,
     GraphConfig,
@@ -56,30 +57,47 @@ METHODS = [(schemas.INDEX, "single", "category-aware"), (schemas.INDEX, "single"
            (schemas.INDEX, "knn", "context-aware"), (RAW, "single", ""), (RAW, "max", ""), (RAW, "knn", "")]
 
 
-def build_indexes(cfg: PipelineConfig, source: str) -> list[tuple[str, str, str]]:
-    """embed -> graph -> train -> the GAT-AE index and the baselines' indexes; returns the methods to query."""
+def all_methods(cfg: PipelineConfig) -> list[tuple[str, str, str]]:
+    """Every method the pipeline can query: METHODS, and the HOG baseline with --hog."""
+    return [*METHODS, (HOG, "single", "")] if cfg.hog else METHODS
+
+
+def build_indexes(cfg: PipelineConfig, source: str) -> None:
+    """embed -> graph -> train -> the GAT-AE index and the baselines' indexes."""
     embed = EmbedConfig(input=source, run=cfg.run, backbone=cfg.backbone, weights=cfg.weights, device=cfg.device)
     step("embed", embed)
     step("graph", GraphConfig(run=cfg.run, k=cfg.k))
     step("train", TrainConfig(run=cfg.run, epochs=cfg.epochs, seed=cfg.seed))
     step("index", IndexConfig(run=cfg.run))
     step("index", IndexConfig(run=cfg.run, source=schemas.EMBEDDINGS, stage=RAW))
-    if not cfg.hog:
-        return METHODS
-    step("embed", EmbedConfig(input=source, run=cfg.run, backbone="hog", stage="embeddings-hog"))
-    step("index", IndexConfig(run=cfg.run, source=schemas.EMBEDDINGS, input_stage="embeddings-hog", stage=HOG))
-    return [*METHODS, (HOG, "single", "")]
+    if cfg.hog:
+        step("embed", EmbedConfig(input=source, run=cfg.run, backbone="hog", stage="embeddings-hog"))
+        step("index", IndexConfig(run=cfg.run, source=schemas.EMBEDDINGS, input_stage="embeddings-hog", stage=HOG))
+
+
+def method_name(index: str, scoring: str, latent: str) -> str:
+    """The method's name in the evaluation table (query.method_name): index/scoring[/query latent]."""
+    return "/".join([index, scoring, *([latent] if latent else [])])
+
+
+def chosen(cfg: PipelineConfig, methods: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """The methods --methods names (all when it names none); refuses an unknown name, listing the known ones."""
+    known = {method_name(*m): m for m in methods}
+    unknown = [name for name in cfg.methods if name not in known]
+    if unknown:
+        raise ConfigError(f"unknown --methods {', '.join(unknown)}; known: {', '.join(known)}")
+    return [known[name] for name in cfg.methods] if cfg.methods else methods
 
 
 def query_all(cfg: PipelineConfig, queries: str, methods: list[tuple[str, str, str]]) -> list[str]:
     """Embed the queries once per backbone, then query every method; returns the results stages."""
     step("embed", EmbedConfig(input=queries, run=cfg.run, backbone=cfg.backbone, weights=cfg.weights,
                               device=cfg.device, stage="query-embeddings"))
-    if cfg.hog:
+    if any(index == HOG for index, _, _ in methods):
         step("embed", EmbedConfig(input=queries, run=cfg.run, backbone="hog", stage="query-embeddings-hog"))
     results = []
     for index, scoring, latent in methods:
-        stage = "-".join([schemas.RESULTS, index, scoring, *([latent] if latent else [])])
+        stage = "-".join([schemas.RESULTS, *method_name(index, scoring, latent).split("/")])
         query_input = io.join(cfg.run, "query-embeddings-hog" if index == HOG else "query-embeddings")
         query = QueryConfig(run=cfg.run, input=query_input, index=index, scoring=scoring, k=cfg.k, stage=stage)
         step("query", dataclasses.replace(query, query_latent=latent) if latent else query)
@@ -89,8 +107,9 @@ def query_all(cfg: PipelineConfig, queries: str, methods: list[tuple[str, str, s
 
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     """Run every stage; returns {"run": the run root, "evaluation": the evaluation manifest or None}."""
+    methods = chosen(cfg, all_methods(cfg))  # an unknown name is refused before any work
     source, queries = (cfg.input, cfg.queries) if cfg.input else demo_inputs(cfg.run)
-    methods = build_indexes(cfg, source)
+    build_indexes(cfg, source)
     evaluation = None
     if queries:
         results = query_all(cfg, queries, methods)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gatrep import cli, config
+from gatrep import cli, config, pipeline
 from gatrep.config import EmbedConfig, ModelConfig, ModelSettings, TrainConfig
 
 
@@ -100,3 +100,15 @@ def test_a_bug_is_not_disguised_as_a_user_error(tmp_path):
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 1
     assert "Traceback" in done.stderr and "KeyError: 'no such key'" in done.stderr
+
+
+def test_pipeline_methods_are_checked_before_any_work(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    argv = ["--input", "x", "--queries", "q", "--run", run, "--methods", "index-raw/knn,index/knn/nearest"]
+    assert cli.run_job("pipeline", argv) == 2
+    assert "unknown --methods index/knn/nearest; known: index/single/category-aware," in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(config.ConfigError, match="--methods .* needs --queries"):
+        config.PipelineConfig(input="x", methods=("index-raw/knn",))
+    cfg = config.parse(config.PipelineConfig, ["--input", "x", "--queries", "q", "--methods", "index-raw/knn"], "t")
+    assert pipeline.chosen(cfg, pipeline.all_methods(cfg)) == [("index-raw", "knn", "")]
