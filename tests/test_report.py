@@ -21,8 +21,8 @@ from PIL import Image
 from gatrep import cli, io, schemas
 from gatrep.config import EvaluateConfig, IndexConfig, ReportConfig
 from gatrep.report import charts, html, sections, thumbnails
-from gatrep.stages import evaluate as evaluate_stage  # TODO(stages): fixture setup only
-from gatrep.stages import index as index_stage  # TODO(stages): fixture setup only
+from gatrep.stages import evaluate as evaluate_stage
+from gatrep.stages import index as index_stage
 from gatrep.stages import report
 
 HOSTILE = '<script>alert("x")</script>&co'  # a category name that must reach the page only as text
@@ -104,11 +104,11 @@ def _model(run: Path) -> None:
 
 def _results(run: Path, rows: list[dict]) -> None:
     index_uri = str(run / "index")
-    searcher = index_stage.load_searcher(index_uri)  # TODO(stages)
+    searcher = index_stage.load_searcher(index_uri)
     picked = [rows[0], rows[4], rows[8], rows[12]]
     vectors = np.stack([r["vector"] for r in picked])
     vectors[1] = rows[8]["vector"]  # a shirts-labelled query that looks like shoes: misclassified
-    columns = searcher.search(vectors, k=3).columns()  # TODO(stages)
+    columns = searcher.search(vectors, k=3).columns()
     table = pa.table({"query_id": [f"q{i}" for i in range(4)], "uri": [r["uri"] for r in picked],
                       "label": [r["category"] for r in picked], "status": ["ok"] * 4, "error": [None] * 4,
                       **columns}, schema=schemas.results())
@@ -125,9 +125,9 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _embeddings(run, rows, images)
     _latents(run, rows)
     _model(run)
-    index_stage.run(IndexConfig(run=str(run), merge_threshold=0.5))  # TODO(stages)
+    index_stage.run(IndexConfig(run=str(run), merge_threshold=0.5))
     _results(run, rows)
-    evaluate_stage.run(EvaluateConfig(run=str(run), results=(RESULTS,), k=3))  # TODO(stages)
+    evaluate_stage.run(EvaluateConfig(run=str(run), results=(RESULTS,), k=3))
     Path(rows[-1]["uri"]).unlink()  # indexed, then deleted: its thumbnail must become a placeholder
     return run
 
