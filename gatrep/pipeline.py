@@ -97,7 +97,7 @@ def query_all(cfg: PipelineConfig, queries: str, methods: list[tuple[str, str, s
         step("embed", EmbedConfig(input=queries, run=cfg.run, backbone="hog", stage="query-embeddings-hog"))
     results = []
     for index, scoring, latent in methods:
-        stage = "-".join([schemas.RESULTS, *method_name(index, scoring, latent).split("/")])
+        stage = "-".join([schemas.RESULTS, index, scoring, *([latent] if latent else [])])
         query_input = io.join(cfg.run, "query-embeddings-hog" if index == HOG else "query-embeddings")
         query = QueryConfig(run=cfg.run, input=query_input, index=index, scoring=scoring, k=cfg.k, stage=stage)
         step("query", dataclasses.replace(query, query_latent=latent) if latent else query)
