@@ -11,11 +11,12 @@ from PIL import Image
 
 from gatrep import backbones, images, schemas
 from gatrep.backbones import weights
+from gatrep.backbones.torch_encoder import style_statistics as backbone_style
 from gatrep.stages.embed import PIXELS, prepare_batch
 
 
 def test_registry_lists_the_designed_backbones():
-    assert {"clip-vit-b32", "resnet50", "mobilenet_v2", "hog", "tiny-random"} <= set(backbones.names())
+    assert {"clip-vit-b32", "resnet50", "mobilenet_v2", "vgg19", "hog", "tiny-random"} <= set(backbones.names())
     with pytest.raises(KeyError, match="unknown backbone 'vgg'; known: clip-vit-b32"):
         backbones.get("vgg")
 
@@ -106,3 +107,42 @@ def test_a_bad_file_costs_only_its_own_row(tmp_path):
     known = {uris[1]: images.content_id(good.read_bytes()), uris[0]: "stale-hash"}
     again = prepare_batch(batch, backbone="tiny-random", max_pixels=10**6, max_bytes=10**6, known=known)
     assert again[schemas.URI].tolist() == [uris[0], uris[2], uris[3]]
+
+
+@pytest.mark.parametrize("name", backbones.with_style())
+def test_style_vectors_come_from_the_same_forward_pass(name):
+    backbone = backbones.get(name)
+    p = backbone.preprocess
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 255, (p.size, p.size, p.channels), dtype=np.uint8)
+    ramp = np.broadcast_to(np.linspace(0, 255, p.size, dtype=np.uint8)[None, :, None], noise.shape)
+    pixels = np.stack([noise, ramp * np.array([0, 0, 1], np.uint8)])  # a grainy image, a smooth blue one
+    encoder = backbone.load("random", "cpu")
+    content, style = encoder.embed(pixels)
+    assert np.array_equal(content, encoder(pixels)), "the hooks change nothing of the content features"
+    assert style.shape == (2, backbone.style_dim) and style.dtype == np.float32
+    assert np.allclose(np.linalg.norm(style, axis=1), 1.0, atol=1e-5)
+    assert backbone.style_dim <= 2 * backbone.dim, "style vectors store at most twice the content's width"
+    # The look, not the layout: a mirrored image has the same per-channel statistics in every layer (up to the
+    # padding at the borders), a differently coloured one does not.
+    mirrored = encoder.embed(pixels[:, :, ::-1])[1]
+    assert float(style[0] @ mirrored[0]) > 0.95 > 0.9 > float(style[0] @ style[1])
+
+
+def test_style_statistics_weigh_every_layer_equally():
+    small = torch.zeros(1, 2, 4, 4)
+    small[0, 0] = 1.0  # channel 0 on: mean (1, 0), std (0, 0)
+    large = torch.full((1, 3, 2, 2), 50.0)
+    style = backbone_style([small, large])
+    assert style.shape == (1, 2 * 2 + 2 * 3)
+    # Each layer's (mean, std) part is scaled to the same norm before the whole vector is: 1/sqrt(2) each.
+    assert np.linalg.norm(style[0, :4]) == pytest.approx(np.linalg.norm(style[0, 4:])) == pytest.approx(0.5**0.5)
+
+
+def test_backbones_without_feature_maps_refuse_style():
+    from gatrep.config import ConfigError, EmbedConfig
+
+    assert set(backbones.with_style()) == {"mobilenet_v2", "resnet50", "tiny-random", "vgg19"}
+    with pytest.raises(ConfigError, match="--style: hog has no convolutional feature maps to take style from; "
+                                          "use one of mobilenet_v2, resnet50, tiny-random, vgg19"):
+        EmbedConfig(input="x", run="y", backbone="hog", style=True)

@@ -19,6 +19,15 @@ class Encoder(Protocol):
     def __call__(self, pixels: np.ndarray) -> np.ndarray: ...
 
 
+class StyleEncoder(Encoder, Protocol):
+    """A backbone that also describes each image's look: `embed(pixels)` returns (content [N, dim],
+    style [N, style_dim]), both L2-normalised, from one forward pass (see TorchEncoder.embed)."""
+
+    style_dim: int
+
+    def embed(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
 @dataclasses.dataclass(frozen=True)
 class Backbone:
     """A registered backbone. `load(weights, device)` returns an Encoder; `weights` is 'default'
@@ -29,6 +38,7 @@ class Backbone:
     preprocess: Preprocess
     load: Callable[[str, str], Encoder]
     description: str
+    style_dim: int = 0  # width of its style vectors (embed --style); 0: it has no feature maps to take them from
 
 
 _REGISTRY: dict[str, Backbone] = {}
@@ -53,6 +63,11 @@ def get(name: str) -> Backbone:
 def names() -> list[str]:
     """Registered backbone names, sorted."""
     return sorted(_REGISTRY)
+
+
+def with_style() -> list[str]:
+    """Names of the backbones that can write style vectors, sorted."""
+    return [name for name in names() if _REGISTRY[name].style_dim]
 
 
 # Registration happens on import of each family module.

@@ -10,6 +10,7 @@ from gatrep.backbones.torch_encoder import IMAGENET_MEAN, IMAGENET_STD, TorchEnc
 from gatrep.images import Preprocess
 
 _DIM = 32
+_STYLE_LAYERS, _STYLE_DIM = ("1", "3"), 2 * (8 + 16)  # its two ReLUs
 
 
 def _net() -> nn.Module:
@@ -24,10 +25,10 @@ def _load(weights_spec: str, device: str) -> Encoder:
     model = _net()
     if weights_spec not in ("default", "random"):
         load_into(model, weights_spec, "tiny-random")
-    return TorchEncoder(model, _DIM, IMAGENET_MEAN, IMAGENET_STD, device)
+    return TorchEncoder(model, _DIM, IMAGENET_MEAN, IMAGENET_STD, device, _STYLE_LAYERS, _STYLE_DIM)
 
 
 register(Backbone(
     name="tiny-random", dim=_DIM, preprocess=Preprocess(size=32, crop_fraction=1.0), load=_load,
-    description="two random conv layers, 32-d: for tests only, its features mean little",
+    description="two random conv layers, 32-d: for tests only, its features mean little", style_dim=_STYLE_DIM,
 ))

@@ -15,24 +15,60 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class TorchEncoder:
-    """An Encoder around an nn.Module that maps a normalised NCHW float batch to features."""
+    """An Encoder around an nn.Module that maps a normalised NCHW float batch to features. With `style_layers`
+    (names of its submodules, in forward order) it is also a StyleEncoder of `style_dim` wide style vectors."""
 
     def __init__(self, module: torch.nn.Module, dim: int, mean: Sequence[float], std: Sequence[float],
-                 device: str) -> None:
+                 device: str, style_layers: Sequence[str] = (), style_dim: int = 0) -> None:
         self.dim = dim
         self.device = torch.device(device)
         self.module = module.eval().to(self.device).to(memory_format=torch.channels_last)
         self.scale = (1.0 / (255.0 * torch.tensor(std, device=self.device))).view(1, -1, 1, 1)
         self.shift = (torch.tensor(mean, device=self.device) / torch.tensor(std, device=self.device)).view(1, -1, 1, 1)
+        submodules = dict(self.module.named_modules())
+        self.style_modules = [submodules[name] for name in style_layers]
+        self.style_dim = style_dim
 
-    @torch.inference_mode()
-    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+    def _forward(self, pixels: np.ndarray) -> torch.Tensor:
         # NHWC uint8 -> NCHW view in channels_last layout: no copy before the device transfer.
         x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
         x = x.float() * self.scale - self.shift
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            features = self.module(x)
-        return normalise(features.float().cpu().numpy())
+            return self.module(x).float()
+
+    @torch.inference_mode()
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        return normalise(self._forward(pixels).cpu().numpy())
+
+    @torch.inference_mode()
+    def embed(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(content [N, dim], style [N, style_dim]) from one forward pass: the style layers' feature maps are
+        caught by forward hooks on the way to the content features."""
+        maps: dict[int, torch.Tensor] = {}
+        hooks = [m.register_forward_hook(lambda _m, _in, out, i=i: maps.__setitem__(i, out))
+                 for i, m in enumerate(self.style_modules)]
+        try:
+            content = self._forward(pixels)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        style = style_statistics([maps[i] for i in range(len(self.style_modules))])
+        if style.shape[1] != self.style_dim:
+            raise RuntimeError(f"style vectors are {style.shape[1]}-d, the backbone registers {self.style_dim}")
+        return normalise(content.cpu().numpy()), style
+
+
+def style_statistics(feature_maps: Sequence[torch.Tensor]) -> np.ndarray:
+    """Style vectors [N, 2 * sum(C_l)]: each layer's per-channel mean and standard deviation over its pixels
+    (the thesis's compact alternative to Gram matrices, whose C_l^2 size would be up to 1000x larger), each
+    layer's part L2-normalised so that the cosine of two style vectors is the mean of their per-layer
+    cosines (the thesis's layer-weighted Gram similarity with equal weights)."""
+    parts = []
+    for maps in feature_maps:
+        flat = maps.float().flatten(2)  # [N, C, H*W]
+        stats = torch.cat([flat.mean(2), flat.std(2, correction=0)], dim=1)
+        parts.append(torch.nn.functional.normalize(stats, dim=1))
+    return normalise(torch.cat(parts, dim=1).cpu().numpy())
 
 
 class BadWeights(UserError, ValueError):
