@@ -280,6 +280,57 @@ def review(scores: np.ndarray, best: np.ndarray, typical: np.ndarray, min_confid
     return confidence.astype(np.float32), reasons
 
 
+# ----------------------------------------------------------------------------------------------
+# Retrieval by look: the thesis's content, style and adaptive similarities
+
+# What retrieval ranks by (`--similarity`): the content vectors (the default), the style vectors, or the
+# adaptive score of both.
+SIMILARITIES = ("content", "style", "adaptive")
+
+
+def adaptive_score(content: np.ndarray, style: np.ndarray) -> np.ndarray:
+    """The thesis's adaptive similarity (S_c * S_s)(S_c + S_s): high only where both are high. Cosines below
+    0 count as 0: the thesis's ReLU features never have them, and two negatives must not multiply into a
+    high score."""
+    c, s = np.clip(content, 0.0, None), np.clip(style, 0.0, None)
+    return (c * s) * (c + s)
+
+
+def retrieve_adaptive(content: CategoryIndex, style: CategoryIndex, query_content: Any, query_style: Any,
+                      categories: Sequence[str | None], k: int = 10, candidates: int | None = 100,
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Retrieval inside each query's category by the adaptive score. Each query's candidates are its
+    `candidates` nearest images by content and as many by style (exact or ANN, as each index holds them); their
+    exact adaptive scores pick the k best. `candidates=None` scores every image of the category (exhaustive:
+    what `bench/style.py` measures the candidate recall against). `content` and `style` must be built over
+    the same rows (index.run does). Returns ([B, k] ids, [B, k] scores, [B, k] input labels), padded."""
+    qc, _ = queries(query_content, content.dim)
+    qs, _ = queries(query_style, style.dim)
+    wanted = np.asarray(categories, dtype=object)
+    ids = np.full((qc.shape[0], k), None, dtype=object)
+    labels = np.full((qc.shape[0], k), None, dtype=object)
+    scores = np.full((qc.shape[0], k), np.nan, dtype=np.float32)
+    for b in np.flatnonzero(wanted != None):  # noqa: E711 - elementwise comparison of an object array
+        category = str(wanted[b])
+        if category not in content.parts:
+            raise KeyError(f"categories not in the index: {category}")
+        part, style_part = content.parts[category], style.parts[category]
+        size = part.vectors.shape[0]
+        if candidates is None or candidates >= size:
+            rows = np.arange(size)
+        else:
+            by_content = content._rows(qc[b:b + 1], category, candidates)[0][0]
+            by_style = style._rows(qs[b:b + 1], category, candidates)[0][0]
+            rows = np.unique(np.concatenate([by_content, by_style]))
+            rows = rows[rows >= 0]
+        score = adaptive_score(part.vectors[rows] @ qc[b], style_part.vectors[rows] @ qs[b])
+        best = np.argsort(-score, kind="stable")[:k]
+        ids[b, :best.size] = part.ids[rows[best]]
+        labels[b, :best.size] = part.labels[rows[best]]
+        scores[b, :best.size] = score[best]
+    return ids, scores, labels
+
+
 # How a category is scored (`--scoring`; config.py validates against it, Searcher.categorize dispatches on it):
 # one representative, the max / mean over the top-m most central images, or a vote of the k nearest images.
 SCORINGS = ("single", "max", "mean", "knn")
@@ -290,7 +341,8 @@ class Searcher:
     """Category representatives plus the per-category retrieval index: the whole query path of the paper.
 
     `names[c]`, `representatives[c]` and `central[c]` (top-m most central vectors) describe category c;
-    `labels[c]` is the input category most of its images carry (for evaluation).
+    `labels[c]` is the input category most of its images carry (for evaluation). `style` is the retrieval index
+    of the same images' style vectors, when they were embedded with --style.
     """
 
     names: np.ndarray
@@ -298,6 +350,7 @@ class Searcher:
     central: list[np.ndarray]
     labels: np.ndarray
     index: CategoryIndex
+    style: CategoryIndex | None = None
 
     def categorize(self, query_vecs: Any, scoring: str = "single", k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """(best category [B], scores [B, C]) by one representative, the max/mean over the top-m central
@@ -313,12 +366,37 @@ class Searcher:
         order = [position[str(n)] for n in self.names]
         return best, votes[:, order]
 
-    def search(self, query_vecs: Any, k: int = 10, scoring: str = "single") -> SearchResults:
-        """Categorize every query, then retrieve its k best matches inside the chosen category."""
+    def search(self, query_vecs: Any, k: int = 10, scoring: str = "single", similarity: str = "content",
+               query_style: Any = None, candidates: int | None = 100) -> SearchResults:
+        """Categorize every query (by content), then retrieve its k best matches inside the chosen category by
+        `similarity` (see `retrieve`)."""
+        self.check_similarity(similarity, query_style)
         _, ok = queries(query_vecs, self.index.dim)
+        if similarity != "content":
+            assert self.style is not None
+            ok &= queries(query_style, self.style.dim)[1]
         clean = np.where(ok[:, None], np.asarray(query_vecs, dtype=np.float32), 0.0)
         best, scores = self.categorize(clean, scoring, k)
         best = np.where(ok, best, np.asarray(None, dtype=object))
-        ids, match_scores, match_labels = self.index.retrieve_many(clean, list(best), k)
+        ids, match_scores, match_labels = self.retrieve(clean, best, k, similarity, query_style, candidates)
         return SearchResults(self.names, best, np.where(ok[:, None], scores, np.nan).astype(np.float32), ids,
                              match_scores, match_labels, ok)
+
+    def check_similarity(self, similarity: str, query_style: Any = None) -> None:
+        """Refuse an unknown similarity, or style and adaptive without the style vectors they rank by."""
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"unknown similarity {similarity!r}; choose one of {', '.join(SIMILARITIES)}")
+        if similarity != "content" and (self.style is None or query_style is None):
+            raise ValueError(f"similarity {similarity!r} needs style vectors of the index and of the queries")
+
+    def retrieve(self, query_vecs: Any, categories: Labels, k: int, similarity: str = "content",
+                 query_style: Any = None, candidates: int | None = 100) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The k best matches of each query inside its category (None: none) by content, by style (needs
+        `query_style`) or by the adaptive score (see retrieve_adaptive): ([B, k] ids, scores, input labels)."""
+        self.check_similarity(similarity, query_style)
+        if similarity == "content":
+            return self.index.retrieve_many(query_vecs, list(categories), k)
+        assert self.style is not None
+        if similarity == "style":
+            return self.style.retrieve_many(query_style, list(categories), k)
+        return retrieve_adaptive(self.index, self.style, query_vecs, query_style, list(categories), k, candidates)

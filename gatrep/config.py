@@ -50,6 +50,11 @@ class EmbedConfig:
         default=0, metadata={"help": "torch threads in each CPU actor; 0 = the node's cores"}
     )
     dtype: str = dataclasses.field(default="float32", metadata={"help": "stored vectors: float32 or float16"})
+    style: bool = dataclasses.field(
+        default=False, metadata={"help": "also write each image's style vector (per-channel mean and standard "
+                                         "deviation of the backbone's intermediate layers), for query --similarity "
+                                         "style|adaptive"},
+    )
     max_pixels: int = dataclasses.field(
         default=64_000_000, metadata={"help": "images with more pixels are refused as 'too_large'"}
     )
@@ -69,6 +74,9 @@ class EmbedConfig:
         from gatrep import backbones
 
         _choose("backbone", self.backbone, backbones.names())
+        if self.style and not backbones.get(self.backbone).style_dim:
+            raise ConfigError(f"--style: {self.backbone} has no convolutional feature maps to take style from; "
+                              f"use one of {', '.join(backbones.with_style())}")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ConfigError(f"device must be auto, cuda or cpu, not {self.device!r}")
         if self.dtype not in ("float32", "float16"):
@@ -410,6 +418,16 @@ class QueryConfig:
                           "(Approach II); context-free: self-loops only"},
     )
     k: int = dataclasses.field(default=10, metadata={"help": "matches returned per query"})
+    similarity: str = dataclasses.field(
+        default="content",
+        metadata={"help": "what matches are ranked by inside the chosen category: content (the index's vectors), "
+                          "style (the look: needs images embedded with --style), or adaptive (high only where both "
+                          "are); categorization always uses content"},
+    )
+    candidates: int = dataclasses.field(
+        default=100, metadata={"help": "adaptive: nearest images by content and as many by style whose adaptive "
+                                       "score is computed exactly (README: recall against all)"}
+    )
     insert_k: int = dataclasses.field(
         default=0, metadata={"help": "graph neighbours a query is inserted with; 0 = the graph's k"}
     )
@@ -422,12 +440,13 @@ class QueryConfig:
     )
 
     def __post_init__(self) -> None:
-        from gatrep.categorize import SCORINGS
+        from gatrep.categorize import SCORINGS, SIMILARITIES
         from gatrep.models.query_latents import LATENT_MODES
 
         _choose("scoring", self.scoring, SCORINGS)
         _choose("query_latent", self.query_latent, list(LATENT_MODES))
-        for name in ("k", "batch_size", "actors"):
+        _choose("similarity", self.similarity, SIMILARITIES)
+        for name in ("k", "candidates", "batch_size", "actors"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
 

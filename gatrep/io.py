@@ -267,6 +267,22 @@ def is_current(record: dict[str, Any], manifest: dict[str, Any]) -> bool:
     return record.get("files") == manifest["files"] and record.get("created") == manifest["created"]
 
 
+def upstream_stage(run: str, manifest: dict[str, Any], name: str, stage: str) -> tuple[str, dict[str, Any]]:
+    """(URI, manifest) of the stage that `manifest` records as its upstream `name`, found under the same run
+    root. Refuses (StageError) a record that is missing or a stage republished since (the downstream stage is
+    stale and must be rebuilt)."""
+    record = manifest.get("upstream", {}).get(name)
+    if not record or "stage" not in record:
+        raise StageError(f"the {manifest['stage']} stage records no {name} stage it was built from; rebuild it")
+    uri = join(run, record["stage"])
+    upstream = read_manifest(uri, stage)
+    if not is_current(record, upstream):
+        raise StageError(
+            f"the {manifest['stage']} stage was built from {uri} as published {record.get('created')}, but it now "
+            f"holds the one published {upstream['created']}; rebuild the {manifest['stage']} stage")
+    return uri, upstream
+
+
 def up_to_date(stage_uri: str, stage: str, config: dict[str, Any],
                upstream: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     """The published manifest of `stage_uri` when it was built with this config from exactly these upstream

@@ -22,6 +22,7 @@ CATEGORY = "category"
 STATUS = "status"
 ERROR = "error"
 EMBEDDING = "embedding"
+STYLE = "style"  # embed --style: a vector of the image's look (backbones.TorchEncoder.embed); absent without it
 WIDTH = "width"
 HEIGHT = "height"
 NODE = "node"
@@ -86,9 +87,9 @@ def vector_type(dim: int, dtype: str = "float32") -> pa.DataType:
     return pa.list_(value, dim)
 
 
-def embeddings(dim: int, dtype: str = "float32") -> pa.Schema:
-    """One row per input file; `embedding` is null unless status is ok."""
-    return pa.schema([
+def embeddings(dim: int, dtype: str = "float32", style_dim: int = 0) -> pa.Schema:
+    """One row per input file; `embedding` (and `style`, with a `style_dim`) is null unless status is ok."""
+    schema = pa.schema([
         (IMAGE_ID, pa.string()),  # content hash of the file's bytes; null when unreadable
         (URI, pa.string()),
         (LISTING, pa.string()),
@@ -100,11 +101,13 @@ def embeddings(dim: int, dtype: str = "float32") -> pa.Schema:
         (EMBEDDING, vector_type(dim, dtype)),
         (FINGERPRINT, pa.string()),  # lets a rerun skip reading unchanged files; absent in stages before it
     ])
+    return schema.append(pa.field(STYLE, vector_type(style_dim, dtype))) if style_dim else schema
 
 
 def _embeddings_expected(actual: pa.Schema) -> pa.Schema:
     """The embeddings contract for a table; a stage written before `fingerprint` existed is still valid."""
-    expected = embeddings(vector_dim(actual, EMBEDDING), vector_dtype(actual, EMBEDDING))
+    style_dim = vector_dim(actual, STYLE) if STYLE in actual.names else 0
+    expected = embeddings(vector_dim(actual, EMBEDDING), vector_dtype(actual, EMBEDDING), style_dim)
     return expected if FINGERPRINT in actual.names else expected.remove(expected.get_field_index(FINGERPRINT))
 
 
@@ -318,6 +321,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
         "merge_suggestions": lambda s: merge_suggestions(),
         "ann_vectors": lambda s: ann_vectors(vector_dim(s, VECTOR)),
         "ann_catalog": lambda s: ann_catalog(),
+        "style_ann_vectors": lambda s: ann_vectors(vector_dim(s, VECTOR)),  # with embeddings of --style only
+        "style_ann_catalog": lambda s: ann_catalog(),
     }, ("ann-*.pkl",)),
     Stage(RESULTS, {RESULTS: lambda s: results()}),
     Stage(EVALUATION, {}, (EVALUATION_FILE, TABLE_FILE)),

@@ -183,3 +183,59 @@ def test_typical_similarity_and_best_per_category():
     assert typical[:2] == pytest.approx([float(x[0] @ x[1])] * 2, abs=1e-6) and math.isnan(typical[2])
     best = index.best_per_category(np.array([[1.0, 0.0]]))
     assert best[0] == pytest.approx([1.0, float(x[3, 0]), float(x[4, 0])], abs=1e-6)
+
+
+def test_adaptive_score_needs_both_similarities_high():
+    content = np.array([1.0, 0.9, 0.5, 0.0, -0.8])
+    style = np.array([1.0, 0.5, 0.9, 1.0, -0.8])
+    np.testing.assert_allclose(query.adaptive_score(content, style), [2.0, 0.45 * 1.4, 0.45 * 1.4, 0.0, 0.0])
+
+
+def style_searcher() -> tuple[Searcher, np.ndarray]:
+    """Category A holds a content twin of the query with another look, and a look twin with other content."""
+    vectors, ids, cats = tiny_index()
+    looks = np.array([[0, 0, 1], [1, 0, 0], [0.6, 0, 0.8], [0, 1, 0], [0, 1, 0]], dtype=np.float32)
+    s = searcher(CategoryIndex.build(vectors, ids, cats, labels=cats))
+    s.style = CategoryIndex.build(looks, ids, cats, labels=cats)
+    return s, looks
+
+
+@pytest.mark.parametrize(("similarity", "first"), [("content", "a1"), ("style", "a2"), ("adaptive", "a2")])
+def test_retrieval_by_content_style_or_both(similarity, first):
+    s, _ = style_searcher()
+    query_style = np.array([[1, 0, 0], [1, 0, 0]], dtype=np.float32)
+    results = s.search(np.array([[1, 0, 0], [np.nan, 0, 0]]), k=3, similarity=similarity, query_style=query_style)
+    assert results.category.tolist() == ["A", None], "categorized by content whatever retrieval ranks by"
+    assert results.match_ids[0, 0] == first and results.match_ids[1].tolist() == [None] * 3
+    if similarity == "adaptive":  # a2: content 0.994, style 1.0; a1: content 1.0, style 0.0
+        assert results.match_ids[0].tolist() == ["a2", "a3", "a1"]
+        c = 0.9 / math.hypot(0.9, 0.1)
+        assert results.match_scores[0, 0] == pytest.approx(c * 1.0 * (c + 1.0), rel=1e-5)
+
+
+def test_adaptive_from_candidates_matches_exhaustive_when_they_hold_the_best():
+    rng = np.random.default_rng(0)
+    content, style = normalise(rng.normal(size=(300, 8))), normalise(rng.normal(size=(300, 6)))
+    ids, cats = [f"i{n}" for n in range(300)], ["A"] * 300
+    c_index, s_index = CategoryIndex.build(content, ids, cats), CategoryIndex.build(style, ids, cats)
+    qc, qs = content[:20] + 0.1 * rng.normal(size=(20, 8)), style[:20] + 0.1 * rng.normal(size=(20, 6))
+    exhaustive = query.retrieve_adaptive(c_index, s_index, qc, qs, ["A"] * 20, k=5, candidates=None)
+    assert [row[0] for row in exhaustive[0]] == ids[:20], "each query's own twin, alike in both, comes first"
+    assert np.all(np.diff(exhaustive[1], axis=1) <= 0), "best first"
+    assert query.retrieve_adaptive(c_index, s_index, qc, qs, ["A"] * 20, k=5, candidates=300)[0].tolist() == \
+        exhaustive[0].tolist()
+    few = query.retrieve_adaptive(c_index, s_index, qc, qs, ["A"] * 20, k=5, candidates=5)
+    assert [row[0] for row in few[0]] == ids[:20]
+    assert (few[1] <= exhaustive[1] + 1e-6).all(), "a subset's j-th best is never above the whole's j-th best"
+
+
+def test_style_retrieval_is_refused_without_style_vectors():
+    vectors, ids, cats = tiny_index()
+    s = searcher(CategoryIndex.build(vectors, ids, cats, labels=cats))
+    with pytest.raises(ValueError, match="similarity 'style' needs style vectors of the index and of the queries"):
+        s.search(vectors[:1], similarity="style", query_style=vectors[:1])
+    with pytest.raises(ValueError, match="unknown similarity 'look'; choose one of content, style, adaptive"):
+        s.search(vectors[:1], similarity="look")
+    s, looks = style_searcher()
+    with pytest.raises(ValueError, match="similarity 'adaptive' needs style vectors"):
+        s.search(vectors[:1], similarity="adaptive")

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from gatrep import cli, io, schemas, stages
+from gatrep import categorize, cli, io, schemas, stages
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("local_ray")]
 
@@ -35,12 +36,12 @@ def write_tree(root: Path, per_category: int, seed: int) -> Path:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A run root with a raw-feature index of 40 images (tiny-random backbone)."""
+    """A run root with a raw-feature index of 40 images (tiny-random backbone, with style vectors)."""
     root = tmp_path_factory.mktemp("q")
     images = write_tree(root / "images", 20, seed=0)
     run = str(root / "run")
     assert cli.run_job("embed", ["--input", str(images), "--run", run, "--backbone", "tiny-random",
-                                 "--weights", "random"]) == 0
+                                 "--weights", "random", "--style", "true"]) == 0
     assert cli.run_job("index", ["--run", run, "--source", "embeddings", "--stage", "index-raw"]) == 0
     return run
 
@@ -68,6 +69,49 @@ def test_raw_query_images_are_embedded_then_queried_on_two_cpus(run: str, tmp_pa
     assert all(r["category"] == r["label"] for r in ok), "colour alone separates these"
     assert manifest["upstream"]["queries"]["stage"] == "results-embeddings"
     io.read_manifest(io.join(run, "results-embeddings"), schemas.EMBEDDINGS)  # published, reusable
+
+
+def vectors_by_id(stage: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """image_id -> (content, style) of an embeddings stage's ok rows."""
+    table, _ = io.read_table(stage, schemas.EMBEDDINGS)
+    table = table.filter(pc.equal(table["status"], "ok"))
+    return {i: (np.array(c, np.float32), np.array(s, np.float32)) for i, c, s in
+            zip(table["image_id"].to_pylist(), table["embedding"].to_pylist(), table["style"].to_pylist(), strict=True)}
+
+
+def test_retrieval_by_the_adaptive_score_or_by_style(run: str, tmp_path: Path, deadline: None) -> None:
+    queries = write_tree(tmp_path / "queries", 2, seed=5)
+    argv = ["--run", run, "--index", "index-raw", "--k", "5", "--candidates", "8"]
+    assert cli.run_job("query", [*argv, "--input", str(queries), "--similarity", "adaptive",
+                                 "--stage", "results-adaptive"]) == 0
+    query_stage = io.join(run, "results-adaptive-embeddings")  # the queries, embedded with style vectors too
+    assert cli.run_job("query", [*argv, "--input", query_stage, "--similarity", "style",
+                                 "--stage", "results-style"]) == 0
+    indexed, asked = vectors_by_id(io.join(run, "embeddings")), vectors_by_id(query_stage)
+    for stage, similarity in (("results-adaptive", "adaptive"), ("results-style", "style")):
+        table, manifest = io.read_table(io.join(run, stage), schemas.RESULTS)
+        assert manifest["method"] == f"index-raw/single/{similarity}-retrieval" and table.num_rows == 4
+        for row in table.to_pylist():
+            qc, qs = asked[row["query_id"]]
+            scores = [m["score"] for m in row["matches"]]
+            assert len(scores) == 5 and scores == sorted(scores, reverse=True)
+            for match in row["matches"]:
+                c, s = indexed[match["image_id"]]
+                expected = categorize.adaptive_score(qc @ c, qs @ s) if similarity == "adaptive" else qs @ s
+                assert match["score"] == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_style_retrieval_needs_an_index_with_style_vectors(write_embeddings, clustered, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    run = str(tmp_path / "run")
+    stage = write_embeddings(run, clustered(5, 2), categories=["a"] * 5 + ["b"] * 5)
+    assert cli.run_job("index", ["--run", run, "--source", "embeddings", "--stage", "index-raw"]) == 0
+    capsys.readouterr()
+    argv = ["--run", run, "--input", stage, "--index", "index-raw", "--similarity", "style"]
+    assert cli.run_job("query", argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --similarity style: {run}/index-raw has no style vectors; embed the images with --style true and "
+        "rebuild the stages after it")
 
 
 def test_a_stage_folder_is_read_as_a_stage_or_refused(run: str, tmp_path: Path,

@@ -3,6 +3,8 @@ into the k-NN graph of the collection or of one category, III-B2) and the latent
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -93,32 +95,44 @@ class QueryEncoder:
 
 
 
+@dataclasses.dataclass(frozen=True)
+class Retrieval:
+    """How matches are ranked inside the chosen category (Searcher.retrieve): by content (the latents), style
+    (`style`: the queries' style vectors [B, S]) or the adaptive score of both."""
+
+    similarity: str = "content"
+    style: np.ndarray | None = None
+    candidates: int = 100
+
+
 def search_context_aware(searcher: Searcher, encoder: QueryEncoder, x: np.ndarray, k: int, scoring: str,
-                         insert_k: int) -> SearchResults:
+                         insert_k: int, by: Retrieval) -> SearchResults:
     """Approach I: insert each query into the whole graph next to the nodes with the most similar features
     around its best context-free matches, then categorize and retrieve with its context-aware latent."""
     seeds = searcher.index.search_all(encoder.context_free(x), SEEDS)[0]
     z1 = encoder.context_aware(x, encoder.insertion_neighbours(x, encoder.nodes(seeds), insert_k))
-    return searcher.search(z1, k, scoring)
+    return searcher.search(z1, k, scoring, by.similarity, by.style, by.candidates)
 
 
 def search_category_aware(searcher: Searcher, encoder: QueryEncoder, x: np.ndarray, k: int, scoring: str,
-                          insert_k: int) -> SearchResults:
+                          insert_k: int, by: Retrieval) -> SearchResults:
     """Approach II: categorize with the context-free latent, then insert the query into the chosen
     category's graph and retrieve inside it with the context-aware latent."""
+    searcher.check_similarity(by.similarity, by.style)
     z0 = encoder.context_free(x)
     best, scores = searcher.categorize(z0, scoring, k)
     seeds = searcher.index.retrieve_many(z0, list(best), SEEDS)[0]
     neighbours = encoder.insertion_neighbours(x, encoder.nodes(seeds), insert_k, category=best)
-    ids, match_scores, labels = searcher.index.retrieve_many(encoder.context_aware(x, neighbours), list(best), k)
+    ids, match_scores, labels = searcher.retrieve(encoder.context_aware(x, neighbours), best, k, by.similarity,
+                                                  by.style, by.candidates)
     return SearchResults(searcher.names, best, scores.astype(np.float32), ids, match_scores, labels,
                          np.ones(len(x), dtype=bool))
 
 
 def search_context_free(searcher: Searcher, encoder: QueryEncoder, x: np.ndarray, k: int, scoring: str,
-                        insert_k: int) -> SearchResults:
+                        insert_k: int, by: Retrieval) -> SearchResults:
     """Categorize and retrieve with the latent of the query seen alone (self-loops only)."""
-    return searcher.search(encoder.context_free(x), k, scoring)
+    return searcher.search(encoder.context_free(x), k, scoring, by.similarity, by.style, by.candidates)
 
 
 # How a query's latent is formed (`--query-latent`; config.py validates against it).
@@ -127,8 +141,10 @@ LATENT_MODES = {"context-aware": search_context_aware, "category-aware": search_
 
 
 def search(searcher: Searcher, encoder: QueryEncoder, x: np.ndarray, mode: str, k: int, scoring: str,
-           insert_k: int = 0) -> SearchResults:
+           insert_k: int = 0, by: Retrieval | None = None) -> SearchResults:
     """Categorize and retrieve the query features `x` [B, D] against latent representatives, forming the
     query latents by `mode` (see LATENT_MODES); `insert_k` graph neighbours per inserted query, 0 = the
-    graph's k. This is the query path of the query stage and of bench/quality.py alike."""
-    return LATENT_MODES[mode](searcher, encoder, x, k, scoring, insert_k or int(encoder.neighbours.shape[1]))
+    graph's k; matches ranked as `by` says. This is the query path of the query stage and of bench/quality.py
+    alike."""
+    return LATENT_MODES[mode](searcher, encoder, x, k, scoring, insert_k or int(encoder.neighbours.shape[1]),
+                              by or Retrieval())

@@ -66,29 +66,37 @@ def prepare_batch(batch: dict[str, np.ndarray], *, backbone: str, max_pixels: in
 class Embedder:
     """A Ray Data actor: loads the backbone once, then embeds the ok rows of each batch."""
 
-    def __init__(self, backbone: str, weights: str, dtype: str, threads: int, fail_once: str | None = None) -> None:
+    def __init__(self, backbone: str, weights: str, dtype: str, threads: int, style: bool = False,
+                 fail_once: str | None = None) -> None:
         import torch
 
         torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in workers
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.encoder = backbones.get(backbone).load(weights, device)
-        self.schema = schemas.embeddings(self.encoder.dim, dtype)
+        self.style_dim = backbones.get(backbone).style_dim if style else 0
+        self.schema = schemas.embeddings(self.encoder.dim, dtype, self.style_dim)
         self.dtype = np.dtype(dtype)
         self.fail_once = fail_once
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         stages.kill_once(self.fail_once)
         ok = batch[schemas.STATUS] == schemas.OK
-        n, dim = len(ok), self.encoder.dim
-        features = np.zeros((n, dim), self.dtype)
-        if ok.any():
+        n = len(ok)
+        features = np.zeros((n, self.encoder.dim), self.dtype)
+        style = np.zeros((n, self.style_dim), self.dtype)
+        if ok.any() and self.style_dim:
+            features[ok], style[ok] = self.encoder.embed(batch[PIXELS][ok])  # type: ignore[attr-defined]
+        elif ok.any():
             features[ok] = self.encoder(batch[PIXELS][ok])
         ok = mark_blank(batch, features, ok)
-        embedding = pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), dim, mask=pa.array(~ok))
+        vectors = {schemas.EMBEDDING: features, **({schemas.STYLE: style} if self.style_dim else {})}
         # from_pandas: Ray hands null ints back as NaN floats; this turns them into nulls again.
         columns = {f.name: pa.array(batch[f.name], type=f.type, from_pandas=True)
-                   for f in self.schema if f.name != schemas.EMBEDDING}
-        return pa.table({**columns, schemas.EMBEDDING: embedding}, schema=self.schema)
+                   for f in self.schema if f.name not in vectors}
+        for name, values in vectors.items():
+            columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1],
+                                                              mask=pa.array(~ok))
+        return pa.table(columns, schema=self.schema)
 
 
 def mark_blank(batch: dict[str, np.ndarray], features: np.ndarray, ok: np.ndarray) -> np.ndarray:
@@ -145,6 +153,7 @@ def run(cfg: EmbedConfig, fail_once: str | None = None) -> dict[str, Any]:
                                 f"({', '.join(f'{n} {s}' for s, n in counts.items())}); nothing was published")
         return io.publish(
             stage_uri, STAGE, files, to_dict(cfg), dim=backbone.dim, dtype=cfg.dtype, normalised=True,
+            style_dim=backbone.style_dim if cfg.style else 0,
             rows=sum(counts.values()), counts=counts, embedded=len(new_uris),
             reused=sum(counts.values()) - len(new_uris), read=to_read.num_rows,
             timings=timings,
@@ -191,8 +200,8 @@ def _previous_stage(stage_uri: str, cfg: EmbedConfig) -> dict[str, Any] | None:
     if not io.stage_exists(stage_uri):
         return None
     manifest = io.read_manifest(stage_uri, STAGE)
-    for key in ("backbone", "weights", "dtype"):
-        if manifest["config"].get(key) != getattr(cfg, key):
+    for key in ("backbone", "weights", "dtype", "style"):
+        if manifest["config"].get(key, False if key == "style" else None) != getattr(cfg, key):
             raise StageMismatch(
                 f"{stage_uri} was built with {key}={manifest['config'].get(key)!r}, not {getattr(cfg, key)!r}; "
                 f"write to another --run, or delete that stage to rebuild it"
@@ -249,7 +258,8 @@ def embedding_dataset(inputs: pa.Table, cfg: EmbedConfig, known: dict[str, str] 
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if gpus else 0, num_cpus=actor_cpus,
         fn_constructor_kwargs={"backbone": cfg.backbone, "weights": cfg.weights, "dtype": cfg.dtype,
-                               "threads": cfg.threads_per_actor or _cpus_per_actor(actors), "fail_once": fail_once},
+                               "threads": cfg.threads_per_actor or _cpus_per_actor(actors), "style": cfg.style,
+                               "fail_once": fail_once},
     )
 
 

@@ -9,7 +9,6 @@ from typing import Any
 from gatrep import config, evaluate, io, schemas, versions
 from gatrep.config import EvaluateConfig
 from gatrep.stages.index import load_searcher
-from gatrep.stages.query import upstream_stage
 
 NAME = "evaluate"
 CONFIG = EvaluateConfig
@@ -30,7 +29,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         methods, results = [], []
         for stage in cfg.results:
             table, manifest = io.read_table(io.join(cfg.run, stage), schemas.RESULTS)
-            index_uri, _ = upstream_stage(cfg.run, manifest, schemas.INDEX, schemas.INDEX)
+            index_uri, _ = io.upstream_stage(cfg.run, manifest, schemas.INDEX, schemas.INDEX)
             result, extras = evaluate.evaluate_results(manifest.get("method", stage), table, load_searcher(index_uri),
                                                        cfg.k)
             results.append(result)

@@ -59,6 +59,25 @@ class Categories:
 # Reading
 
 
+def read_style(cfg: IndexConfig, source_uri: str, source: Source) -> np.ndarray | None:
+    """The style vectors of the source's images, in its row order, from the embeddings stage it comes from
+    (for latents, the one their graph was built from); None when that stage was embedded without --style."""
+    uri, manifest = source_uri, io.read_manifest(source_uri, cfg.source)
+    if cfg.source == schemas.LATENTS:
+        graph_uri, graph_manifest = io.upstream_stage(cfg.run, manifest, schemas.GRAPH, schemas.GRAPH)
+        uri, manifest = io.upstream_stage(cfg.run, graph_manifest, schemas.EMBEDDINGS, schemas.EMBEDDINGS)
+    if schemas.STYLE not in io.table_schema(uri, manifest).names:
+        return None
+    table, _ = io.read_table(uri, schemas.EMBEDDINGS, columns=[schemas.IMAGE_ID, schemas.STATUS, schemas.STYLE])
+    table = table.filter(pc.and_(pc.equal(table[schemas.STATUS], schemas.OK), pc.is_valid(table[schemas.STYLE])))
+    row = {image_id: i for i, image_id in enumerate(table[schemas.IMAGE_ID].to_pylist())}
+    missing = [i for i in source.image_ids if i not in row]
+    if missing:
+        raise io.StageError(f"{uri} has no style vector for {len(missing)} indexed images, e.g. {missing[:3]}; "
+                            "rebuild the stages after it")
+    return vectors.from_arrow(table[schemas.STYLE])[[row[i] for i in source.image_ids]]
+
+
 def read_source(cfg: IndexConfig, stage_uri: str) -> Source:
     """The usable rows of the source stage. Embeddings keep status-ok rows; a row needs a listing or a
     category (then that is its listing, as in Approach II); the others are counted in `skipped`."""
@@ -233,13 +252,24 @@ def run(cfg: IndexConfig) -> dict[str, Any]:
                                         source.listings, cfg.ann_min_size, cfg.ann_neighbours, cfg.seed)
             ann_files = save_retrieval_index(index, io.join(run_dir, "ann"))
         files["ann_vectors"], files["ann_catalog"] = ann_files[0], ann_files[-1]
+        pickles = ann_files[1:-1]
+        style = read_style(cfg, source_uri, source)
+        if style is not None:
+            with io.timed(timings, "style_ann"):
+                # Built over the same rows and categories, so each category's rows line up with `index`'s.
+                style_index = CategoryIndex.build(style, source.image_ids, cats.of_image, source.categories,
+                                                  source.listings, cfg.ann_min_size, cfg.ann_neighbours, cfg.seed)
+                style_files = save_retrieval_index(style_index, io.join(run_dir, "style-ann"))
+            files["style_ann_vectors"], files["style_ann_catalog"] = style_files[0], style_files[-1]
+            pickles += style_files[1:-1]
         stage_path = io.url_to_fs(stage_uri)[1]
         relative = {name: posixpath.relpath(io.url_to_fs(uri)[1], stage_path) for name, uri in files.items()}
         return io.publish(
-            stage_uri, NAME, list(files.values()) + ann_files[1:-1], config.to_dict(cfg), upstream,
+            stage_uri, NAME, list(files.values()) + pickles, config.to_dict(cfg), upstream,
             tables=relative, rows=len(source.image_ids), skipped=source.skipped, listings=len(reps.groups),
             categories=len(cats.names), ann_categories=sum(p.ann is not None for p in index.parts.values()),
-            merge_suggestions=tables["merge_suggestions"].num_rows, dim=int(source.vectors.shape[1]), timings=timings)
+            merge_suggestions=tables["merge_suggestions"].num_rows, dim=int(source.vectors.shape[1]),
+            style_dim=0 if style is None else int(style.shape[1]), timings=timings)
 
 
 def summary(manifest: dict[str, Any]) -> str:
@@ -247,6 +277,7 @@ def summary(manifest: dict[str, Any]) -> str:
     return (f"index: {manifest['rows']} images ({manifest['skipped']} skipped), {manifest['listings']} listings, "
             f"{manifest['categories']} categories ({manifest['ann_categories']} with an ANN index), "
             f"{manifest['merge_suggestions']} merge suggestions"
+            + (f", style vectors ({manifest['style_dim']}-d)" if manifest.get("style_dim") else "")
             + (" [already published: reused]" if manifest.get("reused") else ""))
 
 
@@ -361,7 +392,10 @@ def load_searcher(stage_uri: str, epsilon: float = 0.1) -> Searcher:
     reps = vectors.from_arrow(table[schemas.REPRESENTATIVE])
     dim = reps.shape[1]
     central = [np.asarray(c, dtype=np.float32).reshape(-1, dim) for c in table[schemas.CENTRAL_VECTORS].to_pylist()]
-    ann_dir = posixpath.dirname(io.table_uris(stage_uri, manifest, "ann_catalog")[0])
+    def retrieval_index(catalog: str) -> CategoryIndex:
+        return load_retrieval_index(posixpath.dirname(io.table_uris(stage_uri, manifest, catalog)[0]), epsilon)
+
     names = np.asarray(table[schemas.CATEGORY].to_pylist(), dtype=object)
+    style = retrieval_index("style_ann_catalog") if "style_ann_catalog" in manifest.get("tables", {}) else None
     return Searcher(names, reps, central, np.asarray(table[schemas.LABEL].to_pylist(), dtype=object),
-                    load_retrieval_index(ann_dir, epsilon))
+                    retrieval_index("ann_catalog"), style)

@@ -37,35 +37,22 @@ class IndexSources:
     graph: str | None = None
 
 
-def upstream_stage(run: str, manifest: dict[str, Any], name: str, stage: str) -> tuple[str, dict[str, Any]]:
-    """(URI, manifest) of the stage that `manifest` records as its upstream `name`, found under the same run
-    root. Refuses (StageError) a record that is missing or a stage republished since (the downstream stage is
-    stale and must be rebuilt)."""
-    record = manifest.get("upstream", {}).get(name)
-    if not record or "stage" not in record:
-        raise io.StageError(f"the {manifest['stage']} stage records no {name} stage it was built from; rebuild it")
-    uri = io.join(run, record["stage"])
-    upstream = io.read_manifest(uri, stage)
-    if not io.is_current(record, upstream):
-        raise io.StageError(
-            f"the {manifest['stage']} stage was built from {uri} as published {record.get('created')}, but it now "
-            f"holds the one published {upstream['created']}; rebuild the {manifest['stage']} stage")
-    return uri, upstream
-
-
 def resolve(cfg: QueryConfig) -> IndexSources:
     """The stages behind `cfg.index`, followed through the manifests and checked to be the ones it was built
     from. Raises io.StageError naming what is missing or stale."""
     index_uri = io.join(cfg.run, cfg.index)
     check_files(index_uri)  # here, not in the query actors, where a missing file would kill them
     index_manifest = io.read_manifest(index_uri, schemas.INDEX)
+    if cfg.similarity != "content" and not index_manifest.get("style_dim"):
+        raise io.StageError(f"--similarity {cfg.similarity}: {index_uri} has no style vectors; embed the images "
+                            "with --style true and rebuild the stages after it")
     source = index_manifest["config"]["source"]
-    source_uri, source_manifest = upstream_stage(cfg.run, index_manifest, "source", source)
+    source_uri, source_manifest = io.upstream_stage(cfg.run, index_manifest, "source", source)
     if source == schemas.EMBEDDINGS:
         return IndexSources(index_uri, source, source_uri)
-    model_uri, _ = upstream_stage(cfg.run, source_manifest, schemas.MODEL, schemas.MODEL)
-    graph_uri, graph_manifest = upstream_stage(cfg.run, source_manifest, schemas.GRAPH, schemas.GRAPH)
-    embeddings_uri, _ = upstream_stage(cfg.run, graph_manifest, schemas.EMBEDDINGS, schemas.EMBEDDINGS)
+    model_uri, _ = io.upstream_stage(cfg.run, source_manifest, schemas.MODEL, schemas.MODEL)
+    graph_uri, graph_manifest = io.upstream_stage(cfg.run, source_manifest, schemas.GRAPH, schemas.GRAPH)
+    embeddings_uri, _ = io.upstream_stage(cfg.run, graph_manifest, schemas.EMBEDDINGS, schemas.EMBEDDINGS)
     return IndexSources(index_uri, source, embeddings_uri, model_uri, graph_uri)
 
 
@@ -89,23 +76,24 @@ class QueryMapper:
 
     def results(self, batch: pa.Table, ok: np.ndarray, x: np.ndarray) -> pa.Table:
         """Result rows of `batch`, whose ok rows (mask `ok`) have the vectors `x`."""
-        columns = self._search(x).columns() if ok.any() else {}
-        return _results_table(batch, ok, columns)
-
-    def _search(self, x: np.ndarray) -> Any:
+        if not ok.any():
+            return _results_table(batch, ok, {})
         cfg = self.cfg
+        style = ok_vectors(batch, schemas.STYLE)[1] if cfg.similarity != "content" else None
         if self.encoder is None:
-            return self.searcher.search(x, cfg.k, cfg.scoring)
-        return query_latents.search(self.searcher, self.encoder, x, cfg.query_latent, cfg.k, cfg.scoring,
-                                    cfg.insert_k)
+            found = self.searcher.search(x, cfg.k, cfg.scoring, cfg.similarity, style, cfg.candidates)
+        else:
+            found = query_latents.search(self.searcher, self.encoder, x, cfg.query_latent, cfg.k, cfg.scoring,
+                                         cfg.insert_k, query_latents.Retrieval(cfg.similarity, style, cfg.candidates))
+        return _results_table(batch, ok, found.columns())
 
 
-def ok_vectors(batch: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """(mask of the ok rows, their embedding vectors [ok rows, D]) of an embeddings batch."""
+def ok_vectors(batch: pa.Table, column: str = schemas.EMBEDDING) -> tuple[np.ndarray, np.ndarray]:
+    """(mask of the ok rows, their vectors [ok rows, D] of `column`) of an embeddings batch."""
     ok = np.asarray(pc.equal(batch[schemas.STATUS], schemas.OK).to_numpy(zero_copy_only=False), dtype=bool)
     if not ok.any():
-        return ok, np.zeros((0, schemas.vector_dim(batch.schema, schemas.EMBEDDING)), np.float32)
-    return ok, vectors.from_arrow(batch[schemas.EMBEDDING].combine_chunks().filter(pa.array(ok)))
+        return ok, np.zeros((0, schemas.vector_dim(batch.schema, column)), np.float32)
+    return ok, vectors.from_arrow(batch[column].combine_chunks().filter(pa.array(ok)))
 
 
 def _results_table(batch: pa.Table, ok: np.ndarray, columns: dict[str, list[Any]]) -> pa.Table:
@@ -144,6 +132,9 @@ def query_embeddings(cfg: QueryConfig, sources: IndexSources) -> str:
         if manifest["config"]["backbone"] != index_embed.backbone:
             raise io.StageError(f"{cfg.input} holds {manifest['config']['backbone']} embeddings, but the index "
                                 f"was built from {index_embed.backbone}; embed the queries with it")
+        if cfg.similarity != "content" and not manifest.get("style_dim"):
+            raise io.StageError(f"--similarity {cfg.similarity}: {cfg.input} has no style vectors; embed the "
+                                "queries with --style true")
         return cfg.input
     stage = f"{cfg.stage}-embeddings"
     embed_cfg = dataclasses.replace(index_embed, input=cfg.input, run=cfg.run, stage=stage, device=cfg.device)
@@ -181,10 +172,13 @@ def run(cfg: QueryConfig) -> dict[str, Any]:
 
 
 def method_name(cfg: QueryConfig, sources: IndexSources) -> str:
-    """A short label for evaluation tables: index stage, scoring and (latents) how query latents are formed."""
+    """A short label for evaluation tables: index stage, scoring, (latents) how query latents are formed, and
+    what retrieval ranks by when it is not content."""
     parts = [cfg.index, cfg.scoring]
     if sources.model is not None:
         parts.append(cfg.query_latent)
+    if cfg.similarity != "content":
+        parts.append(f"{cfg.similarity}-retrieval")
     return "/".join(parts)
 
 
