@@ -1,4 +1,5 @@
-"""Labelled image trees `<root>/<category>/<image>` for demos, tests and benchmarks: digits and Fashion-MNIST."""
+"""Labelled image trees `<root>/<category>/<image>` for demos, tests and benchmarks: digits, Fashion-MNIST, and
+colour tiles of scikit-image's photographs."""
 
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
+# scikit-image's bundled colour photographs (no download): the categories of write_photo_tiles.
+PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "motorcycle", "retina",
+          "rocket")
 MARKER = ".gatrep-dataset.json"  # written last; hidden, so io.discover_inputs does not take it for an input
 FORMATS = {"png": "PNG", "jpg": "JPEG"}
 RESAMPLING = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR}
@@ -70,7 +74,7 @@ class Tree:
 
 @dataclasses.dataclass(frozen=True)
 class _Source:
-    """Images in memory: uint8 [n, h, w] pixels, integer labels, a category name per label."""
+    """Images in memory: uint8 [n, h, w] (grey) or [n, h, w, 3] pixels, integer labels, a category name per label."""
 
     pixels: np.ndarray
     labels: np.ndarray
@@ -114,13 +118,7 @@ def write_digits(root: str, size: int = 64, fmt: str = "png", limit: int | None 
     rows = _select(source.labels, limit, None, seed)
     params = {"dataset": "digits", "size": size, "fmt": fmt, "resample": resample, "limit": limit,
               "holdout": holdout, "seed": seed}
-    if holdout == 0.0:
-        return _write_tree(root, source, rows, render, {**params, "role": "index"}, overwrite)
-    index_rows, query_rows = _holdout_split(rows, source.labels, holdout, seed)
-    query_root = query_root or root.rstrip("/") + "-query"
-    query = _write_tree(query_root, source, query_rows, render, {**params, "role": "query"}, overwrite)
-    index = _write_tree(root, source, index_rows, render, {**params, "role": "index"}, overwrite)
-    return dataclasses.replace(index, query=query)
+    return _write_split(root, source, rows, render, params, holdout, seed, query_root, overwrite)
 
 
 def write_fashion_mnist(root: str, split: str = "train", size: int = 256, fmt: str = "jpg",
@@ -144,6 +142,34 @@ def write_fashion_mnist(root: str, split: str = "train", size: int = 256, fmt: s
     params = {"dataset": "fashion-mnist", "split": split, "size": size, "fmt": fmt, "limit": limit,
               "per_class": per_class, "seed": seed, "source": source, "role": "index"}
     return _write_tree(root, data, rows, render, params, overwrite)
+
+
+def write_photo_tiles(root: str, tile: int = 64, size: int = 128, per_category: int = 40, holdout: float = 0.0,
+                      seed: int = 0, query_root: str | None = None, overwrite: bool = False) -> Tree:
+    """Write colour tiles of scikit-image's eight bundled colour photographs (PHOTOS) as
+    `<root>/<photo>/photos-<row>.png`: the photo is the category, so a category shares a look (palette,
+    texture, grain) while its tiles show different things. Non-overlapping `tile`-pixel squares, flat ones
+    (pixel standard deviation under 8: sky, black borders) left out, at most `per_category` per photo spread
+    evenly, upscaled to `size`. `holdout`, `query_root`, `overwrite`: as write_digits."""
+    import skimage.data
+
+    if not 0.0 <= holdout < 1.0:
+        raise DatasetError(f"holdout must be in [0, 1), not {holdout}")
+    render = _check_render(size, "png", "bilinear")
+    tiles, labels = [], []
+    for label, name in enumerate(PHOTOS):
+        photo = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
+        squares = [photo[y:y + tile, x:x + tile] for y in range(0, photo.shape[0] - tile + 1, tile)
+                   for x in range(0, photo.shape[1] - tile + 1, tile)]
+        squares = [t for t in squares if t.std() >= 8]
+        keep = np.linspace(0, len(squares) - 1, min(per_category, len(squares))).round().astype(int)
+        tiles += [squares[i] for i in keep]
+        labels += [label] * len(keep)
+    source = _Source(np.stack(tiles), np.asarray(labels, np.int64), PHOTOS, "photos")
+    rows = np.arange(len(labels))
+    params = {"dataset": "photo-tiles", "tile": tile, "size": size, "per_category": per_category,
+              "holdout": holdout, "seed": seed}
+    return _write_split(root, source, rows, render, params, holdout, seed, query_root, overwrite)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,7 +281,8 @@ def _check_render(size: int, fmt: str, resample: str) -> _Render:
 
 
 def _encode(pixels: np.ndarray, render: _Render) -> bytes:
-    """One uint8 [h, w] grey image resized to render.size, as RGB PNG or JPEG (quality 90) bytes."""
+    """One uint8 [h, w] grey or [h, w, 3] colour image resized to render.size, as RGB PNG or JPEG (quality 90)
+    bytes."""
     image = Image.fromarray(pixels)
     if image.size != (render.size, render.size):
         image = image.resize((render.size, render.size), RESAMPLING[render.resample])
@@ -263,6 +290,19 @@ def _encode(pixels: np.ndarray, render: _Render) -> bytes:
     options = {"quality": JPEG_QUALITY} if render.fmt == "jpg" else {}
     image.convert("RGB").save(buffer, FORMATS[render.fmt], **options)
     return buffer.getvalue()
+
+
+def _write_split(root: str, source: _Source, rows: np.ndarray, render: _Render, params: dict[str, Any],
+                 holdout: float, seed: int, query_root: str | None, overwrite: bool) -> Tree:
+    """Write `rows` as one index tree, or with `holdout` > 0 a stratified fraction of them as a query tree at
+    `query_root` (default `<root>-query`) and the rest as the index tree, returned with `.query` set."""
+    if holdout == 0.0:
+        return _write_tree(root, source, rows, render, {**params, "role": "index"}, overwrite)
+    index_rows, query_rows = _holdout_split(rows, source.labels, holdout, seed)
+    query_root = query_root or root.rstrip("/") + "-query"
+    query = _write_tree(query_root, source, query_rows, render, {**params, "role": "query"}, overwrite)
+    index = _write_tree(root, source, index_rows, render, {**params, "role": "index"}, overwrite)
+    return dataclasses.replace(index, query=query)
 
 
 def _write_tree(root: str, source: _Source, rows: np.ndarray, render: _Render, params: dict[str, Any],

@@ -219,3 +219,19 @@ def test_cli_writes_digits(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert f"{root}: 10 images" in done.stdout and f"{root}-query: 10 images" in done.stdout
     assert len(_files_on_disk(root)) == len(_files_on_disk(Path(f"{root}-query"))) == 10
+
+
+# ----------------------------------------------------------------------------------------------
+# colour photo tiles
+
+
+def test_photo_tiles_are_colour_squares_of_each_photo(tmp_path: Path) -> None:
+    tree = datasets.write_photo_tiles(str(tmp_path / "photos"), tile=64, size=32, per_category=10, holdout=0.2)
+    assert tree.query is not None and set(tree.counts()) == set(datasets.PHOTOS)
+    assert all(tree.counts()[p] + tree.query.counts()[p] == 10 for p in datasets.PHOTOS)
+    assert not set(tree.source_rows) & set(tree.query.source_rows)
+    coffee = np.asarray(Image.open(tmp_path / "photos" / tree.files[tree.categories().index("coffee")]))
+    assert coffee.shape == (32, 32, 3) and np.abs(coffee[..., 0].astype(int) - coffee[..., 2]).mean() > 10, \
+        "colour, not grey saved as RGB"
+    again = datasets.write_photo_tiles(str(tmp_path / "photos"), tile=64, size=32, per_category=10, holdout=0.2)
+    assert again.reused
