@@ -1,9 +1,10 @@
-"""Categorization metrics (accuracy, per-class and averaged precision/recall/F1) and retrieval precision/recall/mAP."""
+"""Categorization metrics (accuracy, per-class and averaged precision/recall/F1), retrieval precision/recall/mAP,
+and how alike retrieved images look (HOG distance, colour-histogram correlation)."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -221,3 +222,74 @@ def evaluate_results(name: str, results: pa.Table, searcher: Searcher, k: int) -
 def to_json(result: MethodResult, extras: dict[str, Any]) -> dict[str, Any]:
     """A method's figures as a JSON-ready dict (for the evaluation stage and the report)."""
     return {**dataclasses.asdict(result), **extras}
+
+
+# ----------------------------------------------------------------------------------------------
+# How alike retrieved images look: the thesis's @5 statistics (5.4.3, 5.4.4)
+
+LOOK_SIZE = 64  # side of the grey image HOG is computed on: images of any size compare alike
+
+
+def hog_descriptor(image: np.ndarray) -> np.ndarray:
+    """HOG of an image (9 orientations, 8-pixel cells, 2x2 blocks, L2-Hys; Dalal & Triggs as in the thesis) after
+    converting it to grey and resizing it to LOOK_SIZE pixels."""
+    from skimage.color import rgb2gray
+    from skimage.feature import hog
+    from skimage.transform import resize
+
+    grey = rgb2gray(image) if image.ndim == 3 else image
+    return hog(resize(grey, (LOOK_SIZE, LOOK_SIZE), anti_aliasing=True), orientations=9, pixels_per_cell=(8, 8),
+               cells_per_block=(2, 2), block_norm="L2-Hys", feature_vector=True)
+
+
+def colour_histogram(image: np.ndarray) -> np.ndarray:
+    """256 bins per RGB channel, concatenated (768 values) and normalised to sum 1."""
+    rgb = np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image[..., :3]
+    counts = np.concatenate([np.bincount(rgb[..., c].ravel(), minlength=256) for c in range(3)]).astype(np.float64)
+    return counts / counts.sum()
+
+
+def histogram_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two histograms (OpenCV's HISTCMP_CORREL, the thesis's Equation 14); 0 when one of
+    them is flat."""
+    da, db = a - a.mean(), b - b.mean()
+    denominator = np.sqrt((da * da).sum() * (db * db).sum())
+    return float((da * db).sum() / denominator) if denominator > 0 else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Look:
+    """How alike a query and its matches look, averaged over every (query, match) pair: the mean distance of
+    their HOG descriptors (lower: more alike in texture and edges) and the mean correlation of their colour
+    histograms (higher: more alike in colour)."""
+
+    hog_distance: float
+    colour_correlation: float
+    pairs: int
+
+
+class LookJudge:
+    """Judges (query, matches) pairs by `Look`, reading each image once (`load(uri)` -> uint8 [h, w(, 3)])."""
+
+    def __init__(self, load: Callable[[str], np.ndarray]) -> None:
+        self.load = load
+        self._seen: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _descriptors(self, uri: str) -> tuple[np.ndarray, np.ndarray]:
+        if uri not in self._seen:
+            image = self.load(uri)
+            self._seen[uri] = hog_descriptor(image), colour_histogram(image)
+        return self._seen[uri]
+
+    def judge(self, pairs: Iterable[tuple[str, Sequence[str]]]) -> Look:
+        """The mean Look over every (query uri, match uri) pair of `pairs` [(query, its matches)]."""
+        distances, correlations = [], []
+        for query, matches in pairs:
+            q_hog, q_colour = self._descriptors(query)
+            for match in matches:
+                m_hog, m_colour = self._descriptors(match)
+                distances.append(float(np.linalg.norm(q_hog - m_hog)))
+                correlations.append(histogram_correlation(q_colour, m_colour))
+        if not distances:
+            raise NothingToJudge("no (query, match) pair to judge")
+        return Look(float(np.mean(distances)), float(np.mean(correlations)), len(distances))

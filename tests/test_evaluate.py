@@ -81,3 +81,37 @@ def test_evaluate_searcher_on_a_tiny_index():
         assert r.categorization.accuracy == pytest.approx(0.5)
         assert r.retrieval is not None
         assert (r.retrieval.precision, r.retrieval.recall, r.retrieval.map) == pytest.approx((0.5, 0.5, 0.5))
+
+
+def test_look_statistics_by_hand():
+    assert evaluate.histogram_correlation(np.array([1.0, 2, 3]), np.array([2.0, 4, 6])) == pytest.approx(1.0)
+    assert evaluate.histogram_correlation(np.array([1.0, 2, 3]), np.array([3.0, 2, 1])) == pytest.approx(-1.0)
+    assert evaluate.histogram_correlation(np.array([1.0, 1, 1]), np.array([3.0, 2, 1])) == 0.0
+    red = np.zeros((10, 10, 3), np.uint8)
+    red[..., 0] = 200
+    histogram = evaluate.colour_histogram(red)
+    assert histogram.shape == (768,) and histogram.sum() == pytest.approx(1.0)
+    assert histogram[200] == pytest.approx(1 / 3) and histogram[256] == histogram[512] == pytest.approx(1 / 3)
+
+
+def test_look_judge_ranks_alike_images_closer_and_reads_each_image_once():
+    rng = np.random.default_rng(0)
+    stripes = np.zeros((64, 64, 3), np.uint8)
+    stripes[:, ::8] = (250, 250, 0)
+    images = {"stripes": stripes, "stripes-shifted": np.roll(stripes, 2, axis=1),
+              "noise": rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)}
+    reads: list[str] = []
+
+    def load(uri: str) -> np.ndarray:
+        reads.append(uri)
+        return images[uri]
+
+    judge = evaluate.LookJudge(load)
+    alike = judge.judge([("stripes", ["stripes-shifted"])])
+    unlike = judge.judge([("stripes", ["noise"])])
+    assert alike.hog_distance < unlike.hog_distance and alike.colour_correlation > unlike.colour_correlation
+    both = judge.judge([("stripes", ["stripes-shifted", "noise"])])
+    assert both.pairs == 2 and both.hog_distance == pytest.approx((alike.hog_distance + unlike.hog_distance) / 2)
+    assert sorted(reads) == ["noise", "stripes", "stripes-shifted"]
+    with pytest.raises(evaluate.NothingToJudge):
+        judge.judge([("stripes", [])])
