@@ -1,6 +1,7 @@
 """Embedding throughput: the whole Ray Data job against the bare backbone forward pass, in one process.
 
     python bench/embed.py --images 1000 --backbones mobilenet_v2,clip-vit-b32
+    python bench/embed.py --images 1000 --backbones mobilenet_v2 --style   # + the cost of style vectors
 
 Writes Fashion-MNIST training images as 256x256 JPEGs (Debian package dataset-fashion-mnist), then
 for each backbone measures (1) images/s of the backbone alone on pre-decoded crops, with the same
@@ -10,7 +11,10 @@ timed on half of the files and on all of them: the difference gives its marginal
 fixed start-up (worker processes importing torch, loading the model, planning) taken out, and
 that start-up in seconds. Prints all of them and the ratios to the bare rate. Backbones without
 local weights run with random weights: speed does not depend on the weight values. `--device cuda`
-measures the bare forward on a GPU only (no Ray).
+measures the bare forward on a GPU only (no Ray). With --style, also the same with style vectors
+(`jobs.embed --style`): the bare forward with the style statistics, the whole job's wall time with
+--style against without (each run twice, alternating, the faster kept), and the stored bytes of the
+style column against the embedding column (Parquet, compressed).
 """
 
 from __future__ import annotations
@@ -23,20 +27,23 @@ import time
 import numpy as np
 
 
-def bare_rate(backbone: str, weights: str, crops: np.ndarray, batch: int, device: str, seconds: float) -> float:
-    """Images/s of the encoder alone, over pre-decoded uint8 crops, after one warm-up batch."""
+def bare_rate(backbone: str, weights: str, crops: np.ndarray, batch: int, device: str, seconds: float,
+              style: bool = False) -> float:
+    """Images/s of the encoder alone (with its style vectors if `style`), over pre-decoded uint8 crops, after one
+    warm-up batch."""
     import torch
 
     from gatrep import backbones
 
-    encoder = backbones.get(backbone).load(weights, device)
-    encoder(crops[:batch])
+    forward = (backbones.load_with_style(backbone, weights, device).embed if style
+               else backbones.get(backbone).load(weights, device))
+    forward(crops[:batch])
     if device == "cuda":
         torch.cuda.synchronize()
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds or done < len(crops):
         for i in range(0, len(crops), batch):
-            encoder(crops[i : i + batch])
+            forward(crops[i : i + batch])
             done += len(crops[i : i + batch])
     if device == "cuda":
         torch.cuda.synchronize()
@@ -69,16 +76,29 @@ def weights_for(backbone: str) -> str:
         return "random"
 
 
-def job_seconds(source: str, backbone: str, weights: str, batch: int) -> tuple[float, dict]:
-    """Seconds of the whole embedding job over `source` (Ray already running), and its manifest."""
+def job_seconds(source: str, backbone: str, weights: str, batch: int, style: bool = False) -> tuple[float, dict]:
+    """Seconds of the whole embedding job over `source` (Ray already running), and its manifest with the
+    compressed bytes of each vector column added ("column_bytes")."""
+    import pyarrow.parquet as pq
+
+    from gatrep import io
     from gatrep.config import EmbedConfig
     from gatrep.stages import embed
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = EmbedConfig(input=source, run=out, backbone=backbone, weights=weights, batch_size=batch)
+        cfg = EmbedConfig(input=source, run=out, backbone=backbone, weights=weights, batch_size=batch, style=style)
         start = time.perf_counter()
         manifest = embed.run(cfg)
-        return time.perf_counter() - start, manifest
+        seconds = time.perf_counter() - start
+        sizes: dict[str, int] = {}
+        for path in io.list_parquet(os.path.join(out, "embeddings")):
+            meta = pq.read_metadata(path)
+            for g in range(meta.num_row_groups):
+                for c in range(meta.num_columns):
+                    column = meta.row_group(g).column(c)
+                    name = column.path_in_schema.split(".")[0]
+                    sizes[name] = sizes.get(name, 0) + column.total_compressed_size
+        return seconds, {**manifest, "column_bytes": sizes}
 
 
 def half_manifest(uris: list[str], directory: str) -> str:
@@ -98,6 +118,7 @@ def main() -> None:
     parser.add_argument("--data", default=os.path.expanduser("~/.cache/gatrep/bench-fashion-mnist"))
     parser.add_argument("--device", default="cpu", help="cpu: job and bare forward; cuda: bare forward only")
     parser.add_argument("--seconds", type=float, default=10.0, help="minimum duration of each bare measurement")
+    parser.add_argument("--style", action="store_true", help="also measure the cost of style vectors (see above)")
     args = parser.parse_args()
 
     from gatrep import datasets, io
@@ -131,6 +152,26 @@ def main() -> None:
             line += (f" | job {len(uris) / full_s:6.1f} img/s ({len(uris) / full_s / bare:5.1%})"
                      f" | marginal {marginal:6.1f} img/s ({marginal / bare:5.1%}), start-up {startup:4.1f} s")
         print(line, flush=True)
+        if args.style:
+            print(style_cost(backbone, weights, crops, bare, data, args), flush=True)
+
+
+def style_cost(backbone: str, weights: str, crops: np.ndarray, bare: float, data: str,
+               args: argparse.Namespace) -> str:
+    """One line: the bare forward and the job with style vectors against without, and their storage."""
+    bare_style = bare_rate(backbone, weights, crops, args.batch_size, args.device, args.seconds, style=True)
+    line = f"{'':14s} --style: bare {bare_style:8.1f} img/s ({bare / bare_style - 1:+.1%} time)"
+    if args.device == "cpu":
+        plain, styled = [], []
+        for _ in range(2):
+            plain.append(job_seconds(data, backbone, weights, args.batch_size))
+            styled.append(job_seconds(data, backbone, weights, args.batch_size, style=True))
+        plain_s, styled_s = min(s for s, _ in plain), min(s for s, _ in styled)
+        sizes = styled[0][1]["column_bytes"]
+        line += (f" | job {styled_s:6.1f} s against {plain_s:6.1f} s ({styled_s / plain_s - 1:+.1%})"
+                 f" | stored: style {sizes['style'] / 1e6:.2f} MB, embedding {sizes['embedding'] / 1e6:.2f} MB"
+                 f" ({sizes['style'] / sizes['embedding']:.2f}x)")
+    return line
 
 
 if __name__ == "__main__":
