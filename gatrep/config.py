@@ -74,9 +74,8 @@ class EmbedConfig:
         from gatrep import backbones
 
         _choose("backbone", self.backbone, backbones.names())
-        if self.style and not backbones.get(self.backbone).style_dim:
-            raise ConfigError(f"--style: {self.backbone} has no convolutional feature maps to take style from; "
-                              f"use one of {', '.join(backbones.with_style())}")
+        if self.style:
+            _check_style(self.backbone)
         if self.device not in ("auto", "cuda", "cpu"):
             raise ConfigError(f"device must be auto, cuda or cpu, not {self.device!r}")
         if self.dtype not in ("float32", "float16"):
@@ -163,6 +162,15 @@ def _choose(name: str, value: Any, allowed: Sequence[Any]) -> None:
     """Refuse (ConfigError) a value outside a registry of names, listing them."""
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {', '.join(map(str, allowed))}, not {value!r}")
+
+
+def _check_style(backbone: str) -> None:
+    """Refuse (ConfigError) --style with a backbone that has no style vectors."""
+    from gatrep import backbones
+
+    if backbone in backbones.names() and not backbones.get(backbone).style_dim:
+        raise ConfigError(f"--style: {backbone} has no convolutional feature maps to take style from; "
+                          f"use one of {', '.join(backbones.with_style())}")
 
 
 GROUP_BY = ("none", "listing", "category")
@@ -500,6 +508,11 @@ class ReportConfig:
     central: int = dataclasses.field(default=5, metadata={"help": "most central images shown per category"})
     queries: int = dataclasses.field(default=24, metadata={"help": "queries sampled (half misclassified if any)"})
     matches: int = dataclasses.field(default=5, metadata={"help": "matches shown per sampled query"})
+    looks: tuple[str, ...] = dataclasses.field(
+        default=(), metadata={"help": "results stages under --run of the same queries whose matches are shown side "
+                                      "by side, comma separated (e.g. by content, style and adaptive similarity)"},
+    )
+    look_queries: int = dataclasses.field(default=8, metadata={"help": "queries sampled for --looks"})
     map_points: int = dataclasses.field(default=2000, metadata={"help": "latents sampled for the 2-D map"})
     map_method: str = dataclasses.field(default="tsne", metadata={"help": "2-D map projection: tsne or pca"})
     similarity_listings: int = dataclasses.field(
@@ -567,8 +580,13 @@ class PipelineConfig:
     methods: tuple[str, ...] = dataclasses.field(
         default=(), metadata={"help": "the methods to query and evaluate, comma separated, named as in the evaluation "
                                       "table (index/knn/context-aware,index-raw/knn); '' = all of them"})
+    style: bool = dataclasses.field(
+        default=False, metadata={"help": "also embed style vectors, query index-raw/knn with retrieval by style and by "
+                                         "the adaptive score, and show the three side by side in the report"})
 
     def __post_init__(self) -> None:
+        if self.style:
+            _check_style(self.backbone)
         if self.queries and not self.input:
             raise ConfigError("--queries needs --input (the demo brings its own queries)")
         if self.methods and self.input and not self.queries:

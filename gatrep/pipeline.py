@@ -1,7 +1,9 @@
 """Every stage in order on one input (`python -m jobs.pipeline`); without --input, the digits demo.
 
 embed -> graph -> train -> index (GAT-AE latents) and the paper's baselines (raw backbone features,
-HOG) -> embed the held-out queries -> query with every method -> evaluate (one table) -> report.
+HOG) -> embed the held-out queries -> query with every method -> evaluate (one table) -> report. With
+--style, index-raw/knn is also queried with retrieval by style and by the adaptive score, and the report
+shows the three side by side.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ def all_methods(cfg: PipelineConfig) -> list[tuple[str, str, str]]:
 
 def build_indexes(cfg: PipelineConfig, source: str) -> None:
     """embed -> graph -> train -> the GAT-AE index and the baselines' indexes."""
-    embed = EmbedConfig(input=source, run=cfg.run, backbone=cfg.backbone, weights=cfg.weights, device=cfg.device)
+    embed = EmbedConfig(input=source, run=cfg.run, backbone=cfg.backbone, weights=cfg.weights, device=cfg.device,
+                        style=cfg.style)
     step("embed", embed)
     step("graph", GraphConfig(run=cfg.run, k=cfg.k))
     step("train", TrainConfig(run=cfg.run, epochs=cfg.epochs, seed=cfg.seed))
@@ -89,20 +92,36 @@ def chosen(cfg: PipelineConfig, methods: list[tuple[str, str, str]]) -> list[tup
     return [known[name] for name in cfg.methods] if cfg.methods else methods
 
 
+# The method the report's look-alikes (--style) rank by content, by style and by the adaptive score.
+LOOKS_METHOD = (RAW, "knn", "")
+
+
 def query_all(cfg: PipelineConfig, queries: str, methods: list[tuple[str, str, str]]) -> list[str]:
-    """Embed the queries once per backbone, then query every method; returns the results stages."""
+    """Embed the queries once per backbone, then query every method (and with --style, LOOKS_METHOD by style
+    and by the adaptive score); returns the results stages."""
     step("embed", EmbedConfig(input=queries, run=cfg.run, backbone=cfg.backbone, weights=cfg.weights,
-                              device=cfg.device, stage="query-embeddings"))
+                              device=cfg.device, stage="query-embeddings", style=cfg.style))
     if any(index == HOG for index, _, _ in methods):
         step("embed", EmbedConfig(input=queries, run=cfg.run, backbone="hog", stage="query-embeddings-hog"))
+    wanted = [(m, "content") for m in methods]
+    if cfg.style:
+        wanted += [(LOOKS_METHOD, "content")] * (LOOKS_METHOD not in methods)
+        wanted += [(LOOKS_METHOD, "style"), (LOOKS_METHOD, "adaptive")]
     results = []
-    for index, scoring, latent in methods:
-        stage = "-".join([schemas.RESULTS, index, scoring, *([latent] if latent else [])])
+    for (index, scoring, latent), similarity in wanted:
+        stage = results_stage(index, scoring, latent, similarity)
         query_input = io.join(cfg.run, "query-embeddings-hog" if index == HOG else "query-embeddings")
-        query = QueryConfig(run=cfg.run, input=query_input, index=index, scoring=scoring, k=cfg.k, stage=stage)
+        query = QueryConfig(run=cfg.run, input=query_input, index=index, scoring=scoring, k=cfg.k, stage=stage,
+                            similarity=similarity)
         step("query", dataclasses.replace(query, query_latent=latent) if latent else query)
         results.append(stage)
     return results
+
+
+def results_stage(index: str, scoring: str, latent: str, similarity: str = "content") -> str:
+    """results-<index>-<scoring>[-<latent>][-<similarity> unless content]: where a method's results go."""
+    extra = [latent] if latent else []
+    return "-".join([schemas.RESULTS, index, scoring, *extra, *([similarity] if similarity != "content" else [])])
 
 
 def run(cfg: PipelineConfig) -> dict[str, Any]:
@@ -114,7 +133,8 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     if queries:
         results = query_all(cfg, queries, methods)
         evaluation = step("evaluate", EvaluateConfig(run=cfg.run, results=tuple(results), k=cfg.k))
-    step("report", ReportConfig(run=cfg.run))
+    looks = tuple(results_stage(*LOOKS_METHOD, s) for s in ("content", "style", "adaptive")) if queries else ()
+    step("report", ReportConfig(run=cfg.run, looks=looks if cfg.style else ()))
     return {"run": cfg.run, "evaluation": evaluation}
 
 

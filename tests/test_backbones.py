@@ -146,3 +146,5 @@ def test_backbones_without_feature_maps_refuse_style():
     with pytest.raises(ConfigError, match="--style: hog has no convolutional feature maps to take style from; "
                                           "use one of mobilenet_v2, resnet50, tiny-random, vgg19"):
         EmbedConfig(input="x", run="y", backbone="hog", style=True)
+    with pytest.raises(ValueError, match="backbone 'clip-vit-b32' has no style vectors; these do: mobilenet_v2"):
+        backbones.load_with_style("clip-vit-b32", "random", "cpu")

@@ -155,6 +155,9 @@ def test_input_and_stage_errors_are_one_line(tree, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         f"error: {out}/embeddings was built with backbone='tiny-random', not 'hog'; "
         "write to another --run, or delete that stage to rebuild it")
+    assert cli.run_job("embed", ["--input", str(tree), "--run", str(out), "--backbone", "tiny-random",
+                                 "--style", "true"]) == 2
+    assert "was built with style=False, not True" in capsys.readouterr().err
     assert cli.run_job("embed", ["--input", str(tmp_path / "nowhere"), "--run", str(out), "--backbone", "hog"]) == 2
     assert "error: input" in capsys.readouterr().err
     # Nothing was written by the refused runs.

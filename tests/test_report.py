@@ -481,3 +481,27 @@ def test_the_browser_check_catches_broken_images_and_errors(tmp_path):
     assert 'data-broken-images="1"' in dom.stdout
     assert "data-errors=" in re.search(r"<html[^>]*>", dom.stdout).group(0)
     assert any("Uncaught" in line for line in dom.stderr.splitlines())
+
+
+def test_looks_show_the_same_queries_matches_from_each_results_stage_side_by_side(tmp_path, tiny_run):
+    run = tmp_path / "looks"
+    shutil.copytree(tiny_run, run)
+    table, _ = io.read_table(str(run / RESULTS), "results")
+    # Another ranking of the same queries (as --similarity style would give): each query's matches reversed.
+    other = table.set_column(table.schema.get_field_index("matches"), "matches",
+                             pa.array([list(reversed(m)) for m in table["matches"].to_pylist()],
+                                      table.schema.field("matches").type))
+    _publish(run, "results-style", other, {"index": "index"}, "results", method="tiny/single/style-retrieval")
+    html_text, summary = report.build(_cfg(run, looks=(RESULTS, "results-style"), look_queries=4))
+    assert summary["sections"]["looks"] == "ok"
+    looks = html_text.split('<section id="looks">')[1].split("</section>")[0]
+    assert looks.count('class="card query"') == 4 and looks.count("<h4>tiny/single/style-retrieval</h4>") == 4
+    first = table.to_pylist()[0]["matches"]
+    assert "#1 " + html.num(first[0]["score"], 3) in looks and "#1 " + html.num(first[-1]["score"], 3) in looks
+    # A stage of other queries is refused in its section, not in the whole report.
+    _publish(run, "results-other", table.slice(0, 1), {"index": "index"}, "results")
+    html_text, summary = report.build(_cfg(run, looks=("results-other", RESULTS), look_queries=2))
+    assert summary["sections"]["looks"] == "ok"
+    html_text, summary = report.build(_cfg(run, looks=(RESULTS, "results-other"), look_queries=2))
+    assert summary["sections"]["looks"] == "error"
+    assert re.search(r"results-other does not hold \d of the queries sampled from results-index-single", html_text)

@@ -18,7 +18,9 @@ from gatrep.errors import UserError
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("s3_bucket", "local_ray")]  # S3 settings before Ray starts
 
 INDEXES = ("index", "index-raw")  # the GAT-AE index and the raw-feature baseline (--hog false)
-METHODS = ("index/knn/context-aware", "index-raw/single")  # two of the six: each query stage is a Ray Data job
+METHODS = ("index/knn/context-aware", "index-raw/knn")  # two of the six: each query stage is a Ray Data job
+# --style: index-raw/knn is also queried by style and by the adaptive score, and evaluated beside the others.
+EVALUATED = (*METHODS, "index-raw/knn/style-retrieval", "index-raw/knn/adaptive-retrieval")
 
 
 def write_inputs(tmp_path, s3_bucket, prefix):
@@ -42,12 +44,12 @@ def test_pipeline_on_s3_publishes_every_stage_and_leaks_no_secret(tmp_path, s3_b
     source, queries, tree = write_inputs(tmp_path, s3_bucket, prefix)
     run = io.join(prefix, "run")
     result = pipeline.run(PipelineConfig(input=source, queries=queries, run=run, backbone="tiny-random", k=4,
-                                         epochs=2, hog=False, methods=METHODS))
+                                         epochs=2, hog=False, methods=METHODS, style=True))
     printed = capfd.readouterr()
     assert not [line for line in printed.err.splitlines() if line.startswith("warning:")]  # the report read all
 
     embeddings, manifest = io.read_table(io.join(run, "embeddings"), schemas.EMBEDDINGS)
-    assert manifest["counts"] == {"ok": 48} and embeddings.num_rows == 48
+    assert manifest["counts"] == {"ok": 48} and embeddings.num_rows == 48 and manifest["style_dim"] == 48
     assert sorted(embeddings["uri"].to_pylist()) == sorted(io.join(source, f) for f in tree.files)
     latents, _ = io.read_table(io.join(run, "latents"), schemas.LATENTS)
     assert latents.num_rows == 48
@@ -70,12 +72,15 @@ def test_pipeline_on_s3_publishes_every_stage_and_leaks_no_secret(tmp_path, s3_b
     manifest = io.read_manifest(evaluation_uri, schemas.EVALUATION)
     assert result["evaluation"]["files"] == manifest["files"]
     methods = json.loads(io.read_text_file(evaluation_uri, manifest, schemas.EVALUATION_FILE) or "")["methods"]
-    assert [m["name"] for m in methods] == list(METHODS)
+    assert [m["name"] for m in methods] == list(EVALUATED)
     assert all(m["judged"] == 12 and m["left_out"] == 2 for m in methods)
 
     objects = s3_bucket.objects(run)
     assert any(uri.endswith("_manifest.json") for uri in objects)
-    assert b"<img" in objects[io.join(run, "report", "index.html")]  # thumbnails read back from S3
+    page = objects[io.join(run, "report", "index.html")].decode()
+    assert "<img" in page  # thumbnails read back from S3
+    looks = page.split('<section id="looks">')[1].split("</section>")[0]
+    assert looks.count('class="card query"') == 8 and "<h4>index-raw/knn/adaptive-retrieval</h4>" in looks
     assert_no_secret(s3_bucket.secret, {**objects, **ray_logs(), "stdout": printed.out.encode(),
                                         "stderr": printed.err.encode()})
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 
@@ -63,6 +63,14 @@ def get(name: str) -> Backbone:
 def names() -> list[str]:
     """Registered backbone names, sorted."""
     return sorted(_REGISTRY)
+
+
+def load_with_style(name: str, weights: str, device: str) -> StyleEncoder:
+    """The backbone's encoder, which also gives style vectors; refuses (ValueError) a backbone without them."""
+    backbone = get(name)
+    if not backbone.style_dim:
+        raise ValueError(f"backbone {name!r} has no style vectors; these do: {', '.join(with_style())}")
+    return cast(StyleEncoder, backbone.load(weights, device))
 
 
 def with_style() -> list[str]:

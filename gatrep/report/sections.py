@@ -15,12 +15,13 @@ from gatrep.report.html import cut, esc, heat, num, page, placeholder, section, 
 from gatrep.report.thumbnails import Thumbnails, figure
 
 if TYPE_CHECKING:  # the loaders' value types; gatrep.stages.report imports this module
-    from gatrep.stages.report import IndexView, Inputs, Loaded, MapData, QuerySample, Training
+    from gatrep.stages.report import IndexView, Inputs, Loaded, Looks, MapData, QuerySample, Training
 
 CLOSEST_PAIRS = 6  # most similar listing pairs shown with their representatives when nothing reaches the threshold
 
 SECTIONS = (("categories", "Categories", "Categories and their representatives"),
-            ("queries", "Queries", "Sampled queries"), ("evaluation", "Evaluation", "Evaluation"),
+            ("queries", "Queries", "Sampled queries"), ("looks", "Look-alikes", "Matches by content, style and both"),
+            ("evaluation", "Evaluation", "Evaluation"),
             ("training", "Training", "Training"), ("map", "2-D map", "2-D map of the latents"),
             ("similarity", "Similarity", "Listing similarity and merge suggestions"),
             ("inputs", "Bad inputs", "Bad inputs"), ("about", "Sampling", "How this report was sampled"))
@@ -183,6 +184,36 @@ def query_card(ctx: Context, row: dict[str, Any], reps: dict[str, Any]) -> str:
             f'<div class="block">{predicted_fig}</div><div class="block scores">{score_bars(row, label)}</div>'
             f'<div class="block"><h4>top matches in {esc(cut(predicted, 32))}</h4><div class="strip">'
             f'{"".join(matches) or "<p>no matches</p>"}</div></div></div></div>')
+
+
+def render_looks(ctx: Context, looks: Loaded | None) -> str:
+    """Sampled queries with their top matches in each --looks results stage side by side, one row per stage
+    (the thesis's recommendations by content, by style and by the adaptive score)."""
+    if looks is None:
+        return ("<p>Not shown: no <code>--looks</code>. Embed with <code>--style true</code>, query the same images "
+                "with <code>--similarity content</code>, <code>style</code> and <code>adaptive</code> into three "
+                "results stages, and name them in <code>--looks</code> (<code>jobs.pipeline --style true</code> "
+                "does all of it).</p>")
+    if not looks.ok:
+        return looks.note()
+    value: Looks = looks.value
+    ctx.notes.append(f"Look-alikes: {len(value.queries):,} queries drawn (seed {ctx.cfg.seed}) from "
+                     f"<code>{esc(ctx.cfg.looks[0])}</code>, {ctx.cfg.matches} matches per results stage.")
+    cards = []
+    for row in value.queries:
+        query_fig = figure(ctx.thumbs, row[schemas.URI], f"query<br>in {esc(cut(row[schemas.CATEGORY], 24))}",
+                           f"query {cut(row[schemas.URI], 120)}")
+        strips = []
+        for method, matches in zip(value.methods, value.matches, strict=True):
+            found = [ctx.figure(m[schemas.IMAGE_ID], f"#{k + 1} {num(m.get('score'), 3)}", f"{method} #{k + 1}")
+                     for k, m in enumerate(matches[row[schemas.QUERY_ID]])]
+            strips.append(f'<div class="block"><h4>{esc(method)}</h4><div class="strip">'
+                          f'{"".join(found) or "<p>no matches</p>"}</div></div>')
+        cards.append(f'<div class="card query"><div class="row"><div class="block">{query_fig}</div>'
+                     f'{"".join(strips)}</div></div>')
+    return ("<p>The same queries, each row of matches from one results stage: ranked by content (the same kind of "
+            "thing), by style (the same look: palette, texture) or by the adaptive score, high only where both "
+            "are.</p>" + "".join(cards))
 
 
 def score_bars(row: dict[str, Any], label: str | None, top: int = 5) -> str:
@@ -427,7 +458,7 @@ def render_about(ctx: Context, loaded: dict[str, Loaded]) -> str:
 def bounds(cfg: ReportConfig) -> str:
     """The statement of how large the page can get, whatever the size of the run."""
     most = (cfg.categories * (1 + cfg.central + cfg.listings_per_category) + cfg.queries * (2 + cfg.matches)
-            + 2 * max(cfg.pairs, CLOSEST_PAIRS))
+            + cfg.look_queries * (1 + len(cfg.looks) * cfg.matches) + 2 * max(cfg.pairs, CLOSEST_PAIRS))
     return (f"Bounded whatever the run's size: at most {most:,} thumbnails ({cfg.thumb_px} px) and at most "
             f"{cfg.max_thumbnail_mb:g} MB of them (later ones become placeholders), {cfg.map_points:,} map points, a "
             f"full similarity matrix only up to {cfg.similarity_listings} listings, a confusion matrix up to "
@@ -441,6 +472,7 @@ def render_all(ctx: Context, loaded: dict[str, Loaded], map_note: str) -> dict[s
     bodies = {
         "categories": render_categories(ctx, loaded["index"]),
         "queries": render_queries(ctx, loaded["results"], loaded["index"]),
+        "looks": render_looks(ctx, loaded.get("looks")),
         "evaluation": render_evaluation(ctx, loaded["evaluation"]),
         "training": render_training(ctx, loaded["training"]),
         "map": render_map(ctx, loaded["map"], map_note),

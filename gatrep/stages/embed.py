@@ -72,8 +72,9 @@ class Embedder:
 
         torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in workers
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.encoder = backbones.get(backbone).load(weights, device)
-        self.style_dim = backbones.get(backbone).style_dim if style else 0
+        self.style_encoder = backbones.load_with_style(backbone, weights, device) if style else None
+        self.encoder = self.style_encoder or backbones.get(backbone).load(weights, device)
+        self.style_dim = self.style_encoder.style_dim if self.style_encoder else 0
         self.schema = schemas.embeddings(self.encoder.dim, dtype, self.style_dim)
         self.dtype = np.dtype(dtype)
         self.fail_once = fail_once
@@ -84,8 +85,8 @@ class Embedder:
         n = len(ok)
         features = np.zeros((n, self.encoder.dim), self.dtype)
         style = np.zeros((n, self.style_dim), self.dtype)
-        if ok.any() and self.style_dim:
-            features[ok], style[ok] = self.encoder.embed(batch[PIXELS][ok])  # type: ignore[attr-defined]
+        if ok.any() and self.style_encoder is not None:
+            features[ok], style[ok] = self.style_encoder.embed(batch[PIXELS][ok])
         elif ok.any():
             features[ok] = self.encoder(batch[PIXELS][ok])
         ok = mark_blank(batch, features, ok)

@@ -61,8 +61,11 @@ class Categories:
 
 def read_style(cfg: IndexConfig, source_uri: str, source: Source) -> np.ndarray | None:
     """The style vectors of the source's images, in its row order, from the embeddings stage it comes from
-    (for latents, the one their graph was built from); None when that stage was embedded without --style."""
+    (for latents, the one their graph was built from); None when that stage was embedded without --style, or
+    when latents record no graph (made by hand: no way back to their images)."""
     uri, manifest = source_uri, io.read_manifest(source_uri, cfg.source)
+    if cfg.source == schemas.LATENTS and schemas.GRAPH not in manifest.get("upstream", {}):
+        return None
     if cfg.source == schemas.LATENTS:
         graph_uri, graph_manifest = io.upstream_stage(cfg.run, manifest, schemas.GRAPH, schemas.GRAPH)
         uri, manifest = io.upstream_stage(cfg.run, graph_manifest, schemas.EMBEDDINGS, schemas.EMBEDDINGS)

@@ -223,6 +223,39 @@ def _pick(candidates: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarra
 
 
 @dataclasses.dataclass
+class Looks:
+    """The same sampled queries in several results stages (say ranked by content, by style and by both): the
+    first stage's sampled rows, and for every stage its method and each sampled query's matches."""
+
+    queries: list[dict[str, Any]]
+    methods: list[str]
+    matches: list[dict[str, list[dict[str, Any]]]]  # per stage: query_id -> matches, best first
+
+
+def load_looks(cfg: ReportConfig) -> Looks:
+    """`cfg.look_queries` queries sampled from the first of `cfg.looks`, with their matches in each of them.
+    Refuses (SectionError) a stage that lacks one of the sampled queries: the stages must hold the same queries."""
+    first = sample_queries(dataclasses.replace(cfg, queries=cfg.look_queries), io.join(cfg.run, cfg.looks[0]))
+    wanted = pa.array([r[schemas.QUERY_ID] for r in first.rows], pa.string())
+    methods, matches = [], []
+    for name in cfg.looks:
+        uri = io.join(cfg.run, name)
+        manifest = io.read_manifest(uri, schemas.RESULTS)
+        io.check_table_schemas(uri, manifest)
+        found: dict[str, list[dict[str, Any]]] = {}
+        for batch in io.scan(uri, manifest, [schemas.QUERY_ID, schemas.MATCHES]):
+            for row in batch.filter(pc.is_in(batch.column(schemas.QUERY_ID), value_set=wanted)).to_pylist():
+                found.setdefault(row[schemas.QUERY_ID], (row[schemas.MATCHES] or [])[: cfg.matches])
+        missing = set(wanted.to_pylist()) - set(found)
+        if missing:
+            raise SectionError(f"{name} does not hold {len(missing)} of the queries sampled from {cfg.looks[0]}; "
+                               "--looks needs results stages of the same queries")
+        methods.append(manifest.get("method") or name)
+        matches.append(found)
+    return Looks(first.rows, methods, matches)
+
+
+@dataclasses.dataclass
 class Inputs:
     """From one pass over the embeddings stage: URIs of the images shown, counts by status, bad examples."""
 
@@ -370,7 +403,7 @@ def embeddings_uri(cfg: ReportConfig, index: Loaded) -> str:
     return io.join(cfg.run, schemas.EMBEDDINGS)
 
 
-def wanted_ids(cfg: ReportConfig, index: Loaded, results: Loaded) -> set[str]:
+def wanted_ids(cfg: ReportConfig, index: Loaded, results: Loaded, looks: Loaded) -> set[str]:
     """Every image id the page shows, so that one pass over the embeddings finds their URIs."""
     ids: set[Any] = set()
     if index.ok:
@@ -386,6 +419,8 @@ def wanted_ids(cfg: ReportConfig, index: Loaded, results: Loaded) -> set[str]:
             ids.update(c.get(rep) for c in view.categories if c[schemas.CATEGORY] in predicted)
     if results.ok:
         ids.update(m[schemas.IMAGE_ID] for r in results.value.rows for m in (r[schemas.MATCHES] or [])[: cfg.matches])
+    if looks.ok:
+        ids.update(m[schemas.IMAGE_ID] for stage in looks.value.matches for row in stage.values() for m in row)
     ids.discard(None)
     return {str(i) for i in ids}
 
@@ -414,8 +449,9 @@ def load_all(cfg: ReportConfig) -> tuple[dict[str, Loaded], str]:
     index = load(stage(cfg.index), "index", lambda: load_index(cfg, stage(cfg.index)))
     sampled = results_stage(cfg)
     results = load(stage(sampled), "query", lambda: sample_queries(cfg, stage(sampled)))
+    looks = load(stage(cfg.looks[0]), "query", lambda: load_looks(cfg)) if cfg.looks else Loaded("", "")
     emb = embeddings_uri(cfg, index)
-    inputs = load(emb, "embed", lambda: scan_inputs(emb, wanted_ids(cfg, index, results), cfg.bad_examples))
+    inputs = load(emb, "embed", lambda: scan_inputs(emb, wanted_ids(cfg, index, results, looks), cfg.bad_examples))
     latents, note = stage(cfg.latents), ""
     if io.stage_exists(latents) or not io.stage_exists(emb):
         mapped = load(latents, "train", lambda: load_map(cfg, latents, schemas.LATENTS, schemas.LATENT))
@@ -423,7 +459,7 @@ def load_all(cfg: ReportConfig) -> tuple[dict[str, Loaded], str]:
         note = "No latents stage yet: the map shows the backbone embeddings instead. "
         mapped = load(emb, "embed", lambda: load_map(cfg, emb, schemas.EMBEDDINGS, schemas.EMBEDDING))
     return {
-        "index": index, "results": results, "inputs": inputs, "map": mapped,
+        "index": index, "results": results, **({"looks": looks} if cfg.looks else {}), "inputs": inputs, "map": mapped,
         "evaluation": load(stage(cfg.evaluation), "evaluate", lambda: load_evaluation(stage(cfg.evaluation))),
         "training": load(stage(cfg.model), "train", lambda: load_training(stage(cfg.model))),
     }, note
