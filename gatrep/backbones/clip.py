@@ -5,7 +5,6 @@ from __future__ import annotations
 from PIL import Image
 
 from gatrep.backbones import Backbone, Encoder, register, weights
-from gatrep.backbones.torch_encoder import BadWeights, TorchEncoder
 from gatrep.images import Preprocess
 
 # open_clip's 'openai' ViT-B-32 weights: its Hugging Face mirror, and the original file name that
@@ -21,6 +20,8 @@ _SOURCE = weights.WeightsSource(
 def _load(weights_spec: str, device: str) -> Encoder:
     import open_clip
     import torch
+
+    from gatrep.backbones.torch_encoder import BadWeights, TorchEncoder
 
     path = weights.resolve("clip-vit-b32", weights_spec, _SOURCE)
     torch.manual_seed(0)

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from gatrep.backbones import Backbone, Encoder, register
-from gatrep.backbones.torch_encoder import IMAGENET_MEAN, IMAGENET_STD, TorchEncoder, load_into
 from gatrep.images import Preprocess
+
+if TYPE_CHECKING:
+    from torch import nn
 
 _DIM = 32
 _STYLE_LAYERS, _STYLE_DIM = ("1", "3"), 2 * (8 + 16)  # its two ReLUs
 
 
 def _net() -> nn.Module:
+    from torch import nn  # imported when loaded, not registered (see torchvision_nets)
+
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, _DIM),
@@ -21,6 +24,10 @@ def _net() -> nn.Module:
 
 
 def _load(weights_spec: str, device: str) -> Encoder:
+    import torch
+
+    from gatrep.backbones.torch_encoder import IMAGENET_MEAN, IMAGENET_STD, TorchEncoder, load_into
+
     torch.manual_seed(0)  # the same random weights in every process
     model = _net()
     if weights_spec not in ("default", "random"):

