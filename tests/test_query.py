@@ -227,6 +227,14 @@ def test_adaptive_from_candidates_matches_exhaustive_when_they_hold_the_best():
     few = query.retrieve_adaptive(c_index, s_index, qc, qs, ["A"] * 20, k=5, candidates=5)
     assert [row[0] for row in few[0]] == ids[:20]
     assert (few[1] <= exhaustive[1] + 1e-6).all(), "a subset's j-th best is never above the whole's j-th best"
+    # Candidates from approximate (pynndescent) indexes of both.
+    c_ann, s_ann = (CategoryIndex.build(v, ids, cats, ann_min_size=100) for v in (content, style))
+    assert c_ann.parts["A"].ann is not None and s_ann.parts["A"].ann is not None
+    approximate = query.retrieve_adaptive(c_ann, s_ann, qc, qs, ["A"] * 20, k=5, candidates=50)
+    assert [row[0] for row in approximate[0]] == ids[:20]
+    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(approximate[0].tolist(), exhaustive[0].tolist(),
+                                                                  strict=True)])
+    assert recall >= 0.9
 
 
 def test_style_retrieval_is_refused_without_style_vectors():
