@@ -4,11 +4,13 @@ bucket on a loopback moto server."""
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import pathlib
 import secrets
+import socket
+import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -129,15 +131,26 @@ def s3_bucket() -> Iterator[S3Bucket]:
     the module's pytestmark, `pytest.mark.usefixtures("s3_bucket", "local_ray")`. Any AWS profile or credentials
     file of the machine is hidden so that nothing else is ever signed for or sent."""
     import s3fs
-    from moto.server import ThreadedMotoServer
 
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         pytest.fail("s3_bucket must be set up before local_ray, whose workers would not see the S3 settings: "
                     "request it in the module's pytestmark (usefixtures) or in its first test")
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+    # moto in a process of its own: run in this one (ThreadedMotoServer), every request of every Ray worker would
+    # wait for this process's GIL, which the driver of the job under test holds most of the time.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        host, port = probe.getsockname()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        with socket.socket() as client:
+            if client.connect_ex((host, port)) == 0:
+                break
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            pytest.fail(f"the moto server on port {port} did not start (exit code {server.poll()})")
+        time.sleep(0.1)
     bucket = S3Bucket("s3://gatrep-test", f"http://{host}:{port}", f"sentinel-{secrets.token_hex(16)}")
     environment = {
         "AWS_ENDPOINT_URL_S3": bucket.endpoint, "AWS_ACCESS_KEY_ID": "gatrep-test-key",
@@ -155,4 +168,5 @@ def s3_bucket() -> Iterator[S3Bucket]:
             yield bucket
         finally:
             s3fs.S3FileSystem.clear_instance_cache()
-            server.stop()
+            server.terminate()
+            server.wait()
