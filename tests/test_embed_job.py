@@ -115,13 +115,6 @@ def test_every_file_gets_one_row_and_a_rerun_reuses_them(tree, tmp_path, capsys)
     assert row["image_id"] == images.content_id((tree / "dogs/20.png").read_bytes()) and row["width"] == 30
 
 
-def test_float16_storage(tree, tmp_path):
-    manifest = embed.run(config(tree, tmp_path / "run", dtype="float16"))
-    table, _ = read(tmp_path / "run")
-    assert table.schema.field("embedding").type == schemas.vector_type(32, "float16")
-    assert manifest["counts"]["ok"] == 36
-
-
 def test_a_crash_leaves_the_published_stage_untouched(tree, tmp_path, monkeypatch):
     out = tmp_path / "run"
     embed.run(config(tree, out))
@@ -146,23 +139,31 @@ def test_a_crash_leaves_the_published_stage_untouched(tree, tmp_path, monkeypatc
     assert not crashed & run_dirs(), "the next publish removed the crashed run's folder"
 
 
-def test_input_and_stage_errors_are_one_line(tree, tmp_path, capsys):
+def test_a_float16_stage_and_refused_reruns_that_write_nothing(tree, tmp_path, capsys):
     out = tmp_path / "run"
-    embed.run(config(tree, out))
+    manifest = embed.run(config(tree, out, dtype="float16"))
+    assert read(out)[0].schema.field("embedding").type == schemas.vector_type(32, "float16")
+    assert manifest["counts"]["ok"] == 36
     capsys.readouterr()  # drop Ray's own log lines
     code = cli.run_job("embed", ["--input", str(tree), "--run", str(out), "--backbone", "hog"])
     assert code == 2
     assert capsys.readouterr().err.strip() == (
         f"error: {out}/embeddings was built with backbone='tiny-random', not 'hog'; "
         "write to another --run, or delete that stage to rebuild it")
-    assert cli.run_job("embed", ["--input", str(tree), "--run", str(out), "--backbone", "tiny-random",
-                                 "--style", "true"]) == 2
+    argv = ["--input", str(tree), "--run", str(out), "--backbone", "tiny-random", "--dtype", "float16"]
+    assert cli.run_job("embed", [*argv, "--style", "true"]) == 2
     assert "was built with style=False, not True" in capsys.readouterr().err
     assert cli.run_job("embed", ["--input", str(tmp_path / "nowhere"), "--run", str(out), "--backbone", "hog"]) == 2
     assert "error: input" in capsys.readouterr().err
     # Nothing was written by the refused runs.
     assert [f.name for f in (out / "embeddings").iterdir()].count(io.MANIFEST) == 1
     assert pq.read_metadata(io.list_parquet(str(out / "embeddings"))[0]).num_rows > 0
+    # An unreadable manifest is refused, not taken for no stage (which would rebuild and delete the old data).
+    (out / "embeddings" / io.MANIFEST).write_text("{truncated")
+    files = sorted(p.name for p in (out / "embeddings").iterdir())
+    assert cli.run_job("embed", argv) == 2
+    assert "is not valid JSON" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "embeddings").iterdir()) == files  # the old data is still there
 
 
 def test_blank_images_get_their_own_status_and_stay_out_of_the_graph(tmp_path, capsys):
@@ -189,14 +190,3 @@ def test_nothing_published_when_no_file_is_an_image(tmp_path, capsys):
     assert cli.run_job("embed", ["--input", str(root), "--run", str(run), "--backbone", "tiny-random"]) == 2
     assert "none of the 1 files under" in capsys.readouterr().err
     assert not (run / "embeddings" / io.MANIFEST).exists()
-
-
-def test_an_unreadable_previous_manifest_is_refused_not_rebuilt_over(tree, tmp_path, capsys):
-    out = tmp_path / "run"
-    embed.run(config(tree, out))
-    (out / "embeddings" / io.MANIFEST).write_text("{truncated")
-    files = sorted(p.name for p in (out / "embeddings").iterdir())
-    argv = ["--input", str(tree), "--run", str(out), "--backbone", "tiny-random"]
-    assert cli.run_job("embed", argv) == 2
-    assert "is not valid JSON" in capsys.readouterr().err
-    assert sorted(p.name for p in (out / "embeddings").iterdir()) == files  # the old data is still there

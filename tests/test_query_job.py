@@ -79,24 +79,21 @@ def vectors_by_id(stage: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             zip(table["image_id"].to_pylist(), table["embedding"].to_pylist(), table["style"].to_pylist(), strict=True)}
 
 
-def test_retrieval_by_the_adaptive_score_or_by_style(run: str, tmp_path: Path, deadline: None) -> None:
-    queries = write_tree(tmp_path / "queries", 2, seed=5)
-    argv = ["--run", run, "--index", "index-raw", "--k", "5", "--candidates", "8"]
-    assert cli.run_job("query", [*argv, "--input", str(queries), "--similarity", "adaptive",
-                                 "--stage", "results-adaptive"]) == 0
-    query_stage = io.join(run, "results-adaptive-embeddings")  # the queries, embedded with style vectors too
-    assert cli.run_job("query", [*argv, "--input", query_stage, "--similarity", "style",
-                                 "--stage", "results-style"]) == 0
-    indexed, asked = vectors_by_id(io.join(run, "embeddings")), vectors_by_id(query_stage)
+def test_retrieval_by_the_adaptive_score_or_by_style(run: str, deadline: None) -> None:
+    query_stage = io.join(run, "embeddings")  # the indexed images themselves, with their style vectors
+    argv = ["--run", run, "--index", "index-raw", "--k", "5", "--candidates", "8", "--input", query_stage]
+    assert cli.run_job("query", [*argv, "--similarity", "adaptive", "--stage", "results-adaptive"]) == 0
+    assert cli.run_job("query", [*argv, "--similarity", "style", "--stage", "results-style"]) == 0
+    vectors = vectors_by_id(query_stage)
     for stage, similarity in (("results-adaptive", "adaptive"), ("results-style", "style")):
         table, manifest = io.read_table(io.join(run, stage), schemas.RESULTS)
-        assert manifest["method"] == f"index-raw/single/{similarity}-retrieval" and table.num_rows == 4
+        assert manifest["method"] == f"index-raw/single/{similarity}-retrieval" and table.num_rows == 40
         for row in table.to_pylist():
-            qc, qs = asked[row["query_id"]]
+            qc, qs = vectors[row["query_id"]]
             scores = [m["score"] for m in row["matches"]]
             assert len(scores) == 5 and scores == sorted(scores, reverse=True)
             for match in row["matches"]:
-                c, s = indexed[match["image_id"]]
+                c, s = vectors[match["image_id"]]
                 expected = categorize.adaptive_score(qc @ c, qs @ s) if similarity == "adaptive" else qs @ s
                 assert match["score"] == pytest.approx(float(expected), abs=1e-5)
 
