@@ -370,7 +370,14 @@ def _parser() -> argparse.ArgumentParser:
     fashion.add_argument("--limit", type=int, help="at most this many images, spread evenly over classes")
     fashion.add_argument("--per-class", type=int, help="at most this many images per class")
     fashion.add_argument("--source", default=FASHION_MNIST_DIR, help=f"IDX directory (default: {FASHION_MNIST_DIR})")
-    for p in (digits, fashion):
+    photos = sub.add_parser("photos", help="colour tiles of scikit-image's eight photographs (photo = category)")
+    photos.add_argument("root", help="output tree, any fsspec URI")
+    photos.add_argument("--tile", type=int, default=64, help="tile side in the photo, pixels (default: 64)")
+    photos.add_argument("--size", type=int, default=128, help="pixels per side written (default: 128)")
+    photos.add_argument("--per-category", type=int, default=40, help="at most this many tiles per photo")
+    photos.add_argument("--holdout", type=float, default=0.0, help="stratified fraction for a query tree")
+    photos.add_argument("--query-root", help="where held-out queries go (default: <root>-query)")
+    for p in (digits, fashion, photos):
         p.add_argument("--seed", type=int, default=0, help="which rows limit/holdout pick (default: 0)")
         p.add_argument("--overwrite", action="store_true", help="replace whatever the root holds")
     return parser
@@ -390,6 +397,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dataset == "digits":
             tree = write_digits(args.root, args.size, args.fmt, args.limit, args.holdout, args.seed,
                                 args.resample, args.query_root, args.overwrite)
+        elif args.dataset == "photos":
+            tree = write_photo_tiles(args.root, args.tile, args.size, args.per_category, args.holdout, args.seed,
+                                     args.query_root, args.overwrite)
         else:
             tree = write_fashion_mnist(args.root, args.split, args.size, args.fmt, args.limit, args.per_class,
                                        args.seed, args.source, args.overwrite)

@@ -235,3 +235,9 @@ def test_photo_tiles_are_colour_squares_of_each_photo(tmp_path: Path) -> None:
         "colour, not grey saved as RGB"
     again = datasets.write_photo_tiles(str(tmp_path / "photos"), tile=64, size=32, per_category=10, holdout=0.2)
     assert again.reused
+
+
+def test_cli_writes_photo_tiles(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert datasets.main(["photos", str(tmp_path / "p"), "--size", "16", "--per-category", "2"]) == 0
+    assert "16 images, wrote in" in capsys.readouterr().out
+    assert len(_files_on_disk(tmp_path / "p")) == 16
