@@ -606,6 +606,9 @@ class ReindexConfig:
     backbone: str = dataclasses.field(default="mobilenet_v2", metadata={"help": "backbone name (jobs.embed --list)"})
     weights: str = dataclasses.field(default="default", metadata={"help": "'default', 'random' or a weights file"})
     device: str = dataclasses.field(default="auto", metadata={"help": "auto, cuda or cpu (see jobs.embed --help)"})
+    style: bool = dataclasses.field(
+        default=False, metadata={"help": "also write style vectors (jobs.embed --style), for query --similarity "
+                                         "style|adaptive; switching it re-embeds every image"})
     k: int = dataclasses.field(default=10, metadata={"help": "k-NN graph degree"})
     epochs: int = dataclasses.field(default=200, metadata={"help": "training epochs of a new model (the paper: 200)"})
     fine_tune_epochs: int = dataclasses.field(
@@ -630,6 +633,8 @@ class ReindexConfig:
     seed: int = dataclasses.field(default=0, metadata={"help": "seed of pynndescent, the weights and the sampler"})
 
     def __post_init__(self) -> None:
+        if self.style:
+            _check_style(self.backbone)
         if not self.input and not self.rollback:
             raise ConfigError("--input is required (unless --rollback)")
         if self.k <= 0 or self.epochs <= 0 or self.fine_tune_epochs <= 0 or self.fine_tune_lr <= 0 or self.keep < 1:

@@ -48,9 +48,11 @@ def run(cfg: ReindexConfig) -> dict[str, Any]:
               f"(current version: {base['version'] if base else 'none'})", flush=True)
 
         same_backbone = base is not None and _embedding_settings(base["config"]) == _embedding_settings(to_dict(cfg))
-        previous = io.join(base_root, schemas.EMBEDDINGS) if base_root and same_backbone else ""
+        # Rows are reused only with the same style setting; the model is fine-tuned whenever the backbone is the same.
+        same_rows = same_backbone and base is not None and base["config"].get("style", False) == cfg.style
+        previous = io.join(base_root, schemas.EMBEDDINGS) if base_root and same_rows else ""
         step("embed", EmbedConfig(input=cfg.input, run=target, backbone=cfg.backbone, weights=cfg.weights,
-                                  device=cfg.device, previous=previous))
+                                  device=cfg.device, previous=previous, style=cfg.style))
         change = changes(previous, io.join(target, schemas.EMBEDDINGS)) if previous else None
         if base and change and not change["total"] and _settings(base["config"]) == _settings(to_dict(cfg)):
             _discard(target)

@@ -165,11 +165,12 @@ def test_reindex_job_runs_on_the_submitted_cluster(head):
         urllib.request.urlopen(f"{head.dashboard}/api/jobs/", timeout=30)
     assert refused.value.code == 401
 
-    # The nightly job, as the RayCronJob submits it: embed -> graph -> train -> both indexes -> CURRENT.
+    # The nightly job, as the RayCronJob submits it: embed -> graph -> train -> both indexes -> CURRENT; with
+    # style vectors, which both indexes then search by too.
     tree = datasets.write_digits(str(head.root / "data" / "index"), size=16, limit=100)
     run = head.root / "run"
     entrypoint = (f"python -m jobs.reindex --input {tree.root} --run {run} --backbone tiny-random --k 5 "
-                  "--epochs 2")
+                  "--epochs 2 --style true")
     # The SDK sends the token itself only when RAY_AUTH_MODE=token was in this process's environment when Ray
     # read its config; an explicit header works whatever ran before in this process.
     client = JobSubmissionClient(head.dashboard, headers={"Authorization": f"Bearer {head.token}"})
@@ -193,8 +194,10 @@ def test_reindex_job_runs_on_the_submitted_cluster(head):
     root = versions.resolve(str(run))
     embeddings, manifest = io.read_table(io.join(root, schemas.EMBEDDINGS), schemas.EMBEDDINGS)
     assert sorted(embeddings[schemas.URI].to_pylist()) == sorted(tree.uris()) and manifest["counts"] == {"ok": 100}
+    assert manifest["style_dim"] == 48 and embeddings[schemas.STYLE].null_count == 0
     for index in (schemas.INDEX, "index-raw"):
-        assert io.read_manifest(io.join(root, index), schemas.INDEX)["rows"] == 100
+        index_manifest = io.read_manifest(io.join(root, index), schemas.INDEX)
+        assert index_manifest["rows"] == 100 and index_manifest["style_dim"] == 48
 
     # The README's client setup: `ray job ...` sends the token in its environment only with RAY_AUTH_MODE=token.
     status_cli = [str(BIN / "ray"), "job", "status", "--address", head.dashboard, job_id]
