@@ -7,9 +7,12 @@ import pytest
 import torch
 
 from gatrep import sampling
+from gatrep.categorize import CategoryIndex, Searcher
 from gatrep.config import ModelConfig
-from gatrep.models import build_model
-from gatrep.models.query_latents import QueryEncoder
+from gatrep.models import build_model, context_aware_latents, query_latents
+from gatrep.models.query_latents import LATENT_MODES, QueryEncoder
+from gatrep.represent import represent_groups
+from gatrep.vectors import normalise
 
 
 @pytest.fixture(params=["gat", "sage"])
@@ -71,3 +74,26 @@ def test_insertion_neighbours_pick_the_most_similar_candidates(setup):
     assert all(categories[c] == "a" for c in inside[0] if c >= 0)
     assert all(categories[c] == "b" for c in inside[1] if c >= 0)
     assert (inside[0] == -1).any()  # fewer candidates than k: padded
+
+
+@pytest.mark.parametrize("mode", list(LATENT_MODES))
+def test_latent_queries_retrieve_by_style_inside_the_category_chosen_by_content(setup, mode):
+    model, features, neighbours, categories = setup
+    latents = context_aware_latents(model, torch.from_numpy(features), torch.from_numpy(neighbours),
+                                    batch_size=64).numpy()
+    ids = np.array([f"n{i}" for i in range(len(features))], dtype=object)
+    style = normalise(np.random.default_rng(1).normal(size=(len(features), 3)))
+    reps = represent_groups(latents, categories, "centroid", 1)
+    searcher = Searcher(reps.groups, reps.vectors, [reps.vectors[i:i + 1] for i in range(len(reps.groups))],
+                        reps.groups, CategoryIndex.build(latents, ids, categories, labels=categories),
+                        CategoryIndex.build(style, ids, categories, labels=categories))
+    encoder = QueryEncoder(model, features, neighbours, categories, ids)
+    by_content = query_latents.search(searcher, encoder, features[:4], mode, 3, "single")
+    by_style = query_latents.search(searcher, encoder, features[:4], mode, 3, "single",
+                                    by=query_latents.Retrieval("style", style[:4]))
+    assert by_style.category.tolist() == by_content.category.tolist()
+    for b in range(4):
+        rows = [int(i[1:]) for i in by_style.match_ids[b]]
+        assert set(categories[rows]) == {by_style.category[b]}
+        np.testing.assert_allclose(by_style.match_scores[b], style[rows] @ style[b], rtol=1e-5)
+        assert list(by_style.match_scores[b]) == sorted(by_style.match_scores[b], reverse=True)
