@@ -133,8 +133,8 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     if queries:
         results = query_all(cfg, queries, methods)
         evaluation = step("evaluate", EvaluateConfig(run=cfg.run, results=tuple(results), k=cfg.k))
-    looks = tuple(results_stage(*LOOKS_METHOD, s) for s in ("content", "style", "adaptive")) if queries else ()
-    step("report", ReportConfig(run=cfg.run, looks=looks if cfg.style else ()))
+    looks = tuple(results_stage(*LOOKS_METHOD, s) for s in ("content", "style", "adaptive"))
+    step("report", ReportConfig(run=cfg.run, looks=looks if queries and cfg.style else ()))
     return {"run": cfg.run, "evaluation": evaluation}
 
 

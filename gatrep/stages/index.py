@@ -64,10 +64,10 @@ def read_style(cfg: IndexConfig, source_uri: str, source: Source) -> np.ndarray 
     (for latents, the one their graph was built from); None when that stage was embedded without --style, or
     when latents record no graph (made by hand: no way back to their images)."""
     uri, manifest = source_uri, io.read_manifest(source_uri, cfg.source)
-    if cfg.source == schemas.LATENTS and schemas.GRAPH not in manifest.get("upstream", {}):
-        return None
     if cfg.source == schemas.LATENTS:
-        graph_uri, graph_manifest = io.upstream_stage(cfg.run, manifest, schemas.GRAPH, schemas.GRAPH)
+        if schemas.GRAPH not in manifest.get("upstream", {}):
+            return None
+        _, graph_manifest = io.upstream_stage(cfg.run, manifest, schemas.GRAPH, schemas.GRAPH)
         uri, manifest = io.upstream_stage(cfg.run, graph_manifest, schemas.EMBEDDINGS, schemas.EMBEDDINGS)
     if schemas.STYLE not in io.table_schema(uri, manifest).names:
         return None
