@@ -1,16 +1,11 @@
-"""Frozen per-stage configs, built from defaults < a YAML file < command-line flags."""
+"""Frozen per-stage configs (validated on construction) and their dict form; gatrep.cli builds them from
+defaults < a YAML file < command-line flags."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import types
-import typing
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, TypeVar
-
-import yaml
 
 from gatrep import schemas
 from gatrep.errors import UserError
@@ -102,60 +97,6 @@ def from_dict(cls: type[C], values: dict[str, Any]) -> C:
         return cls(**values)
     except TypeError as err:
         raise ConfigError(f"{cls.__name__}: {err}") from err
-
-
-def _flag_type(field: dataclasses.Field) -> Any:
-    hint = field.type if not isinstance(field.type, str) else eval(field.type, vars(typing))  # noqa: S307
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    if hint is bool:
-        return lambda s: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[s.lower()]
-    if typing.get_origin(hint) is tuple:
-        inner = typing.get_args(hint)[0]
-        return lambda s: tuple(inner(x) for x in s.split(",") if x)
-    return hint
-
-
-def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
-    """An argparse parser with one --flag per config field, plus --config FILE.yaml."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", help="YAML file of field values; flags override it")
-    for field in dataclasses.fields(cls):
-        has_default = field.default is not dataclasses.MISSING
-        default = field.default if has_default else None
-        help_text = field.metadata.get("help", "")
-        if has_default:
-            help_text += f" (default: {default})"
-        parser.add_argument(
-            "--" + field.name.replace("_", "-"), dest=field.name, type=_flag_type(field), default=None,
-            help=help_text,
-        )
-    return parser
-
-
-def parse(cls: type[C], argv: Sequence[str] | None, description: str) -> C:
-    """Parse argv into a frozen `cls`: defaults, then --config YAML, then flags."""
-    parser = build_parser(cls, description)
-    args = parser.parse_args(argv)
-    values: dict[str, Any] = {}
-    if args.config:
-        try:
-            loaded = yaml.safe_load(Path(args.config).read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            parser.error(f"--config {args.config}: cannot be read as YAML ({err})")
-        if not isinstance(loaded, dict):
-            parser.error(f"{args.config}: expected a mapping of field names to values")
-        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
-    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
-    missing = [f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-               if f.default is dataclasses.MISSING and f.name not in values]
-    if missing:
-        parser.error("missing required flags: " + ", ".join("--" + m.replace("_", "-") for m in missing))
-    try:
-        return from_dict(cls, values)
-    except ConfigError as err:
-        parser.error(str(err))
-    raise AssertionError("unreachable")
 
 
 def _choose(name: str, value: Any, allowed: Sequence[Any]) -> None:

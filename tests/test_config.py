@@ -17,7 +17,7 @@ from gatrep.config import EmbedConfig, ModelConfig, ModelSettings, TrainConfig
 def test_yaml_then_flags(tmp_path):
     path = tmp_path / "embed.yaml"
     path.write_text("input: /data/in\nrun: /data/out\nbatch-size: 8\ndtype: float16\n")
-    cfg = config.parse(EmbedConfig, ["--config", str(path), "--batch-size", "16"], "test")
+    cfg = cli.parse(EmbedConfig, ["--config", str(path), "--batch-size", "16"], "test")
     assert (cfg.input, cfg.run, cfg.batch_size, cfg.dtype, cfg.backbone) == (
         "/data/in", "/data/out", 16, "float16", "mobilenet_v2")
     assert config.from_dict(EmbedConfig, config.to_dict(cfg)) == cfg
@@ -36,7 +36,7 @@ def test_yaml_then_flags(tmp_path):
 )
 def test_bad_flags_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        config.parse(EmbedConfig, argv, "test")
+        cli.parse(EmbedConfig, argv, "test")
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -58,7 +58,7 @@ def test_a_config_file_that_is_not_yaml_or_not_a_mapping_is_refused(tmp_path, ca
         path = tmp_path / "bad.yaml"
         path.write_text(text)
         with pytest.raises(SystemExit) as exit_info:
-            config.parse(EmbedConfig, ["--config", str(path)], "test")
+            cli.parse(EmbedConfig, ["--config", str(path)], "test")
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -110,5 +110,5 @@ def test_pipeline_methods_are_checked_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
     with pytest.raises(config.ConfigError, match="--methods .* needs --queries"):
         config.PipelineConfig(input="x", methods=("index-raw/knn",))
-    cfg = config.parse(config.PipelineConfig, ["--input", "x", "--queries", "q", "--methods", "index-raw/knn"], "t")
+    cfg = cli.parse(config.PipelineConfig, ["--input", "x", "--queries", "q", "--methods", "index-raw/knn"], "t")
     assert pipeline.chosen(cfg, pipeline.all_methods(cfg)) == [("index-raw", "knn", "")]
