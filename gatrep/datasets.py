@@ -109,8 +109,6 @@ def write_digits(root: str, size: int = 64, fmt: str = "png", limit: int | None 
     """
     from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
 
-    if not 0.0 <= holdout < 1.0:
-        raise DatasetError(f"holdout must be in [0, 1), not {holdout}")
     render = _check_render(size, fmt, resample)
     digits = load_digits()
     pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
@@ -153,8 +151,6 @@ def write_photo_tiles(root: str, tile: int = 64, size: int = 128, per_category: 
     evenly, upscaled to `size`. `holdout`, `query_root`, `overwrite`: as write_digits."""
     import skimage.data
 
-    if not 0.0 <= holdout < 1.0:
-        raise DatasetError(f"holdout must be in [0, 1), not {holdout}")
     render = _check_render(size, "png", "bilinear")
     tiles, labels = [], []
     for label, name in enumerate(PHOTOS):
@@ -295,7 +291,10 @@ def _encode(pixels: np.ndarray, render: _Render) -> bytes:
 def _write_split(root: str, source: _Source, rows: np.ndarray, render: _Render, params: dict[str, Any],
                  holdout: float, seed: int, query_root: str | None, overwrite: bool) -> Tree:
     """Write `rows` as one index tree, or with `holdout` > 0 a stratified fraction of them as a query tree at
-    `query_root` (default `<root>-query`) and the rest as the index tree, returned with `.query` set."""
+    `query_root` (default `<root>-query`) and the rest as the index tree, returned with `.query` set. Refuses a
+    holdout outside [0, 1)."""
+    if not 0.0 <= holdout < 1.0:
+        raise DatasetError(f"holdout must be in [0, 1), not {holdout}")
     if holdout == 0.0:
         return _write_tree(root, source, rows, render, {**params, "role": "index"}, overwrite)
     index_rows, query_rows = _holdout_split(rows, source.labels, holdout, seed)
