@@ -64,23 +64,44 @@ def categorize_multi(query_vecs: Any, central: Sequence[Any], names: Sequence[st
     return np.asarray(names, dtype=object)[np.argmax(scores, axis=1)], scores
 
 
-def knn_vote(query_vecs: Any, index: CategoryIndex, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """Each query's category by majority vote of its k nearest indexed images over all categories.
+def knn_vote(query_vecs: Any, index: CategoryIndex, k: int = 10, power: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's category by a vote of its k nearest indexed images over all categories.
 
-    Ties go to the category with the larger summed similarity. Returns (best name [B], vote share [B, C] in
+    With `power` 0 every neighbour has one vote (majority), ties going to the category with the larger
+    summed similarity; with `power` p > 0 a neighbour's vote is its cosine ** p (cosines below 0 count 0), so
+    the nearest weigh most. Returns (best name [B], each category's share of the votes [B, C] in
     `index.categories` order).
     """
+    if power < 0:
+        raise ValueError(f"the vote's power must be >= 0, not {power}")
     _, sims, cats = index.search_all(query_vecs, k)
     names = np.asarray(index.categories, dtype=object)
     votes = np.zeros((sims.shape[0], names.size), dtype=np.float64)
     similarity = np.zeros_like(votes)
     found = cats >= 0
     rows = np.broadcast_to(np.arange(sims.shape[0])[:, None], cats.shape)[found]
-    np.add.at(votes, (rows, cats[found]), 1.0)
+    weight = np.ones(found.sum()) if power == 0 else np.clip(sims[found], 0.0, None).astype(np.float64) ** power
+    np.add.at(votes, (rows, cats[found]), weight)
     np.add.at(similarity, (rows, cats[found]), sims[found])
-    # Votes are integers and |summed similarity| <= k, so this key orders by votes first, similarity second.
-    best = np.argmax(votes * (2 * k + 1) + similarity, axis=1)
-    return names[best], votes / k
+    # Majority votes are integers and |summed similarity| <= k, so this key orders by votes first, similarity
+    # second; weighted votes are continuous and need no tie-break.
+    best = np.argmax(votes * (2 * k + 1) + similarity if power == 0 else votes, axis=1)
+    total = votes.sum(axis=1, keepdims=True)
+    return names[best], votes / np.where(total > 0, total, 1.0)
+
+
+def expand_queries(query_vecs: Any, index: CategoryIndex, neighbours: int, power: float) -> np.ndarray:
+    """Alpha query expansion (Radenovic et al. 2018; GRAD-Net's query feature expansion on the index's own
+    vectors): each unit query plus its `neighbours` nearest indexed vectors over all categories, each weighted by
+    its cosine ** `power` (cosines below 0 count 0), scaled back to unit length. A query moves towards the dense
+    part of the collection it sits in, which both the vote and retrieval then search from. Rows with NaN/inf
+    become zero rows, as in `queries`."""
+    if neighbours < 1 or power < 0:
+        raise ValueError(f"query expansion needs neighbours >= 1 and power >= 0, not {neighbours} and {power}")
+    unit, _ = queries(query_vecs, index.dim)
+    cats, rows, sims = index.nearest(unit, neighbours)
+    weight = np.where(rows >= 0, np.clip(np.nan_to_num(sims), 0.0, None) ** power, 0.0).astype(np.float32)
+    return normalise(unit + np.einsum("bn,bnd->bd", weight, index.vectors_at(cats, rows)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,21 +224,51 @@ class CategoryIndex:
             typical[position] = np.median(exact_topk(members[picked], members, 1, exclude=picked)[1][:, 0])
         return typical
 
-    def search_all(self, query_vecs: Any, k: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The k nearest images over every category, merged from each category's top k: ([B, k] ids,
-        [B, k] cosines, [B, k] category positions in `categories`, PAD padded)."""
-        unit, _ = queries(query_vecs, self.dim)
-        all_ids, all_scores, all_cats = [], [], []
+    def nearest(self, unit_queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The k nearest images of unit queries over every category, merged from each category's top k: ([B, k]
+        category positions in `categories`, [B, k] rows inside that category, [B, k] cosines), best first,
+        PAD / NaN padded."""
+        all_cats, all_rows, all_scores = [], [], []
         for position, category in enumerate(self.categories):
-            rows, scores = self._rows(unit, category, k)
-            all_ids.append(_take(self.parts[category].ids, rows))
-            all_scores.append(np.where(rows >= 0, scores, -np.inf))
+            rows, scores = self._rows(unit_queries, category, k)
             all_cats.append(np.where(rows >= 0, position, PAD))
-        ids, scores, cats = (np.concatenate(a, axis=1) for a in (all_ids, all_scores, all_cats))
+            all_rows.append(rows)
+            all_scores.append(np.where(rows >= 0, scores, -np.inf))
+        cats, rows, scores = (np.concatenate(a, axis=1) for a in (all_cats, all_rows, all_scores))
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         best = np.take_along_axis(scores, order, axis=1)
-        return (np.take_along_axis(ids, order, axis=1), np.where(np.isfinite(best), best, np.nan).astype(np.float32),
-                np.take_along_axis(cats, order, axis=1))
+        return (np.take_along_axis(cats, order, axis=1), np.take_along_axis(rows, order, axis=1),
+                np.where(np.isfinite(best), best, np.nan).astype(np.float32))
+
+    def column_at(self, cats: np.ndarray, rows: np.ndarray, column: str) -> np.ndarray:
+        """The `column` ("ids" or "labels") of the images at (category position, row), None where PAD."""
+        out = np.full(rows.shape, None, dtype=object)
+        for position, category in enumerate(self.categories):
+            here = cats == position
+            out[here] = getattr(self.parts[category], column)[rows[here]]
+        return out
+
+    def vectors_at(self, cats: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """[..., dim] unit vectors of the images at (category position, row), zero where PAD."""
+        out = np.zeros((*rows.shape, self.dim), dtype=np.float32)
+        for position, category in enumerate(self.categories):
+            here = cats == position
+            out[here] = self.parts[category].vectors[rows[here]]
+        return out
+
+    def search_all(self, query_vecs: Any, k: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The k nearest images over every category: ([B, k] ids, [B, k] cosines, [B, k] category positions in
+        `categories`), PAD padded."""
+        unit, _ = queries(query_vecs, self.dim)
+        cats, rows, scores = self.nearest(unit, k)
+        return self.column_at(cats, rows, "ids"), scores, cats
+
+    def retrieve_all(self, query_vecs: Any, k: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Retrieval over the whole index, whatever the category: ([B, k] ids, [B, k] cosines, [B, k] input
+        labels of the matches), padded."""
+        unit, _ = queries(query_vecs, self.dim)
+        cats, rows, scores = self.nearest(unit, k)
+        return self.column_at(cats, rows, "ids"), scores, self.column_at(cats, rows, "labels")
 
 
 def _take(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -332,8 +383,27 @@ def retrieve_adaptive(content: CategoryIndex, style: CategoryIndex, query_conten
 
 
 # How a category is scored (`--scoring`; config.py validates against it, Searcher.categorize dispatches on it):
-# one representative, the max / mean over the top-m most central images, or a vote of the k nearest images.
+# one representative, the max / mean over the category's several representatives, or a vote of the k nearest
+# images.
 SCORINGS = ("single", "max", "mean", "knn")
+# Where matches come from (`--scope`): the chosen category (the paper's path) or the whole index.
+SCOPES = ("category", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """How the query path votes, expands queries and retrieves (the query stage's flags of the same names)."""
+
+    vote_power: float = 0.0  # knn scoring: a neighbour's vote is its cosine ** vote_power (0: one vote each)
+    expand: int = 0  # query expansion: nearest indexed images added to each query first (0: none)
+    expand_power: float = 3.0  # query expansion: each added image weighted by its cosine ** expand_power
+    scope: str = "category"  # one of SCOPES
+
+    def __post_init__(self) -> None:
+        if self.scope not in SCOPES:
+            raise ValueError(f"unknown scope {self.scope!r}; choose one of {', '.join(SCOPES)}")
+        if self.vote_power < 0 or self.expand < 0 or self.expand_power < 0:
+            raise ValueError("vote_power, expand and expand_power must be >= 0")
 
 
 @dataclasses.dataclass
@@ -342,7 +412,8 @@ class Searcher:
 
     `names[c]`, `representatives[c]` and `central[c]` (top-m most central vectors) describe category c;
     `labels[c]` is the input category most of its images carry (for evaluation). `style` is the retrieval index
-    of the same images' style vectors, when they were embedded with --style.
+    of the same images' style vectors, when they were embedded with --style. `options` say how to vote, expand
+    and retrieve.
     """
 
     names: np.ndarray
@@ -351,6 +422,7 @@ class Searcher:
     labels: np.ndarray
     index: CategoryIndex
     style: CategoryIndex | None = None
+    options: Options = Options()
 
     def categorize(self, query_vecs: Any, scoring: str = "single", k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """(best category [B], scores [B, C]) by one representative, the max/mean over the top-m central
@@ -361,21 +433,25 @@ class Searcher:
             return categorize(query_vecs, self.representatives, list(self.names))
         if scoring in ("max", "mean"):
             return categorize_multi(query_vecs, self.central, list(self.names), reduce=scoring)
-        best, votes = knn_vote(query_vecs, self.index, k)
+        best, votes = knn_vote(query_vecs, self.index, k, self.options.vote_power)
         position = {name: i for i, name in enumerate(self.index.categories)}
         order = [position[str(n)] for n in self.names]
         return best, votes[:, order]
 
     def search(self, query_vecs: Any, k: int = 10, scoring: str = "single", similarity: str = "content",
                query_style: Any = None, candidates: int | None = 100) -> SearchResults:
-        """Categorize every query (by content), then retrieve its k best matches inside the chosen category by
-        `similarity` (see `retrieve`)."""
+        """Categorize every query (by content), then retrieve its k best matches inside the chosen category (or
+        the whole index: `options.scope`) by `similarity` (see `retrieve`). With `options.expand`, each content
+        query is expanded from its nearest indexed images first (`expand_queries`)."""
         self.check_similarity(similarity, query_style)
         _, ok = queries(query_vecs, self.index.dim)
         if similarity != "content":
             assert self.style is not None
             ok &= queries(query_style, self.style.dim)[1]
         clean = np.where(ok[:, None], np.asarray(query_vecs, dtype=np.float32), 0.0)
+        if self.options.expand:
+            expanded = expand_queries(clean, self.index, self.options.expand, self.options.expand_power)
+            clean = np.where(ok[:, None], expanded, 0.0)
         best, scores = self.categorize(clean, scoring, k)
         best = np.where(ok, best, np.asarray(None, dtype=object))
         ids, match_scores, match_labels = self.retrieve(clean, best, k, similarity, query_style, candidates)
@@ -388,12 +464,21 @@ class Searcher:
             raise ValueError(f"unknown similarity {similarity!r}; choose one of {', '.join(SIMILARITIES)}")
         if similarity != "content" and (self.style is None or query_style is None):
             raise ValueError(f"similarity {similarity!r} needs style vectors of the index and of the queries")
+        if similarity == "adaptive" and self.options.scope == "all":
+            raise ValueError("similarity 'adaptive' ranks inside a category; use it with scope 'category'")
 
     def retrieve(self, query_vecs: Any, categories: Labels, k: int, similarity: str = "content",
                  query_style: Any = None, candidates: int | None = 100) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The k best matches of each query inside its category (None: none) by content, by style (needs
-        `query_style`) or by the adaptive score (see retrieve_adaptive): ([B, k] ids, scores, input labels)."""
+        """The k best matches of each query inside its category (None: none), or over the whole index with
+        `options.scope` "all", by content, by style (needs `query_style`) or by the adaptive score (see
+        retrieve_adaptive): ([B, k] ids, scores, input labels)."""
         self.check_similarity(similarity, query_style)
+        if self.options.scope == "all":
+            ids, scores, labels = (self.index.retrieve_all(query_vecs, k) if similarity == "content"
+                                   else self.style.retrieve_all(query_style, k))  # type: ignore[union-attr]
+            skip = np.asarray(categories, dtype=object) == None  # noqa: E711 - elementwise comparison
+            ids[skip], scores[skip], labels[skip] = None, np.nan, None
+            return ids, scores, labels
         if similarity == "content":
             return self.index.retrieve_many(query_vecs, list(categories), k)
         assert self.style is not None

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from gatrep import schemas
 from gatrep.errors import UserError
+
+if TYPE_CHECKING:
+    from gatrep.categorize import Options
 
 C = TypeVar("C")
 
@@ -298,7 +301,11 @@ class IndexConfig:
     )
     top_k: int = dataclasses.field(default=5, metadata={"help": "most central images stored per listing"})
     top_m: int = dataclasses.field(
-        default=3, metadata={"help": "most central images per category kept as extra representatives"}
+        default=3, metadata={"help": "extra representatives kept per category (max / mean scoring)"}
+    )
+    central: str = dataclasses.field(
+        default="top", metadata={"help": "the extra representatives: top (the top-m most central images) or "
+                                         "kmeans (the most central image of each of top-m K-Means clusters)"}
     )
     category_threshold: float = dataclasses.field(
         default=0.8, metadata={"help": "threshold discovery: listings with cosine >= this share a category"}
@@ -332,6 +339,7 @@ class IndexConfig:
 
         _choose("source", self.source, INDEX_SOURCES)
         _choose("method", self.method, sorted(represent.METHODS))
+        _choose("central", self.central, represent.CENTRAL)
         _choose("categories", self.categories, ("given", *sorted(represent.DISCOVERY)))
         if self.categories == "kmeans" and self.n_clusters < 1:
             raise ConfigError("--categories kmeans needs --n-clusters >= 1")
@@ -377,6 +385,20 @@ class QueryConfig:
         default=100, metadata={"help": "adaptive: nearest images by content and as many by style whose adaptive "
                                        "score is computed exactly (README: recall against all)"}
     )
+    vote_power: float = dataclasses.field(
+        default=0.0, metadata={"help": "knn scoring: each neighbour votes its cosine ** this (0 = one vote each)"}
+    )
+    expand: int = dataclasses.field(
+        default=0, metadata={"help": "query expansion: each query moves towards its this-many nearest indexed "
+                                     "images before it is categorized and searched (0 = off)"}
+    )
+    expand_power: float = dataclasses.field(
+        default=3.0, metadata={"help": "query expansion: each added image weighs its cosine ** this"}
+    )
+    scope: str = dataclasses.field(
+        default="category", metadata={"help": "where matches come from: category (inside the chosen category, the "
+                                              "paper) or all (the whole index)"}
+    )
     insert_k: int = dataclasses.field(
         default=0, metadata={"help": "graph neighbours a query is inserted with; 0 = the graph's k"}
     )
@@ -389,15 +411,27 @@ class QueryConfig:
     )
 
     def __post_init__(self) -> None:
-        from gatrep.categorize import SCORINGS, SIMILARITIES
+        from gatrep.categorize import SCOPES, SCORINGS, SIMILARITIES
         from gatrep.models.query_latents import LATENT_MODES
 
         _choose("scoring", self.scoring, SCORINGS)
         _choose("query_latent", self.query_latent, list(LATENT_MODES))
         _choose("similarity", self.similarity, SIMILARITIES)
+        _choose("scope", self.scope, SCOPES)
         for name in ("k", "candidates", "batch_size", "actors"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
+        for name in ("vote_power", "expand", "expand_power"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, not {getattr(self, name)}")
+        if self.similarity == "adaptive" and self.scope == "all":
+            raise ConfigError("--similarity adaptive ranks inside a category: use it with --scope category")
+
+    def options(self) -> Options:
+        """The categorize.Options these flags describe."""
+        from gatrep.categorize import Options
+
+        return Options(self.vote_power, self.expand, self.expand_power, self.scope)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -284,6 +284,43 @@ def represent_groups(vectors: Any, groups: Any, method: str, top_k: int = 5,
     return GroupRepresentatives(method, labels, reps, index, zscore, top, sizes, centrality, row_z)
 
 
+# How a category's several representatives are chosen (`--central`): its top-m most central images, or the most
+# central image of each of m K-Means clusters inside it (a category of several looks keeps one of each).
+CENTRAL = ("top", "kmeans")
+
+
+def cluster_centres(vectors: Any, m: int, seed: int = 0, sample: int = 20_000) -> np.ndarray:
+    """Positions of m representatives of one group: the most central image (highest total cosine, as in
+    `most_central`) of each of min(m, n) K-Means clusters of its unit vectors, ordered by cluster size, largest
+    first. K-Means is fitted on at most `sample` rows, so its cost stops growing with the group; every row is
+    then assigned to its nearest centre. Refuses m < 1."""
+    if m < 1:
+        raise ValueError(f"cluster_centres needs m >= 1, got {m}")
+    from sklearn.cluster import KMeans
+
+    unit = normalise(as_matrix(vectors))
+    n = unit.shape[0]
+    if m >= n:
+        return np.arange(n)
+    fit_rows = np.random.default_rng(seed).choice(n, size=min(n, sample), replace=False)
+    model = KMeans(n_clusters=m, n_init=3, random_state=seed).fit(unit[fit_rows])
+    labels = model.predict(unit)
+    _, members = group_rows(labels)
+    order = np.argsort([-rows.size for rows in members], kind="stable")
+    return np.array([members[c][int(np.argmax(total_similarity(unit[members[c]])))] for c in order], dtype=np.int64)
+
+
+def central_images(vectors: Any, groups: Any, m: int, how: str = "top", seed: int = 0) -> list[np.ndarray]:
+    """Rows of each group's m representatives, in `group_rows` order: its top-m most central images ("top") or the
+    centres of m K-Means clusters inside it ("kmeans", see `cluster_centres`). Refuses an unknown `how`."""
+    if how not in CENTRAL:
+        raise ValueError(f"unknown central method {how!r}; choose one of {', '.join(CENTRAL)}")
+    if how == "top":
+        return represent_groups(vectors, groups, "most_central", m).top
+    array = as_matrix(vectors)
+    return [rows[cluster_centres(array[rows], m, seed)] for rows in group_rows(groups)[1]]
+
+
 # ----------------------------------------------------------------------------------------------
 # Categories from listing representatives (Case 1 of III-A2)
 

@@ -77,6 +77,10 @@ def test_model_settings_are_declared_once_with_one_default():
     (lambda: config.QueryConfig(run="r", input="i", scoring="vote"), "scoring must be one of single, max, mean, knn"),
     (lambda: config.QueryConfig(run="r", input="i", query_latent="x"), "query_latent must be one of context-aware"),
     (lambda: config.ReportConfig(run="r", map_method="umap"), "map_method must be one of tsne, pca"),
+    (lambda: config.QueryConfig(run="r", input="i", scope="world"), "scope must be one of category, all"),
+    (lambda: config.QueryConfig(run="r", input="i", vote_power=-1), "vote_power must be >= 0, not -1"),
+    (lambda: config.QueryConfig(run="r", input="i", similarity="adaptive", scope="all"), "use it with --scope cat"),
+    (lambda: config.IndexConfig(run="r", central="medoids"), "central must be one of top, kmeans"),
 ])
 def test_method_names_are_checked_against_the_registries_that_dispatch_on_them(build, message):
     with pytest.raises(config.ConfigError, match=message):

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from gatrep import cli, io, schemas
+from gatrep import cli, io, represent, schemas
 from gatrep.stages.index import load_searcher
 
 DIM = 8
@@ -83,6 +83,17 @@ def test_given_categories_end_to_end(run, capsys):
     merges = read(run, "merge_suggestions").to_pylist()
     assert merges and all(m["category_a"] == m["category_b"] for m in merges)
     assert read(run, "listing_similarity").num_rows == 15  # all pairs of 6 listings
+
+
+def test_kmeans_central_images_are_cluster_centres(run):
+    assert cli.run_job("index", ["--run", run, "--central", "kmeans", "--top-m", "2"]) == 0
+    rows = tiny_images()
+    vectors = np.asarray(rows["vector"], np.float32)
+    for category in read(run, "categories").to_pylist():
+        members = [i for i, c in enumerate(rows["category"]) if c == category["category"]]
+        centres = represent.cluster_centres(vectors[members], 2, seed=0)
+        assert category["central_image_ids"] == [rows["image_id"][members[i]] for i in centres]
+        np.testing.assert_allclose(category["central_vectors"], vectors[[members[i] for i in centres]], rtol=1e-6)
 
 
 def test_query_identical_to_an_indexed_image_retrieves_it_first(run):

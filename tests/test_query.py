@@ -86,6 +86,55 @@ def test_knn_vote_counts_votes_before_similarity():
     assert query.knn_vote([[1.0, 0.0, 0.0]], index, k=2)[0].tolist() == ["B"]
 
 
+def test_weighted_vote_lets_the_nearest_outweigh_the_majority():
+    vectors = np.array([[1, 0, 0], [0.3, 0.954, 0], [0.3, -0.954, 0]], dtype=np.float32)
+    index = CategoryIndex.build(vectors, ["b", "a1", "a2"], ["B", "A", "A"])
+    # k=3, power 1: B weighs 1.0, A 0.3 + 0.3 = 0.6; power 0 is the majority vote above (A).
+    best, share = query.knn_vote([[1.0, 0.0, 0.0]], index, k=3, power=1.0)
+    assert best.tolist() == ["B"]
+    np.testing.assert_allclose(share[0], [0.6 / 1.6, 1.0 / 1.6], rtol=1e-4)  # categories in order A, B
+    # power 0.2: 0.3 ** 0.2 = 0.786 per A vote, 1.57 in all: A wins again.
+    assert query.knn_vote([[1.0, 0.0, 0.0]], index, k=3, power=0.2)[0].tolist() == ["A"]
+    with pytest.raises(ValueError, match="power must be >= 0"):
+        query.knn_vote([[1.0, 0.0, 0.0]], index, k=3, power=-1)
+
+
+def test_query_expansion_by_hand():
+    vectors, ids, cats = tiny_index()
+    index = CategoryIndex.build(vectors, ids, cats)
+    q = np.array([[1.0, 1.0, 0.0], [np.nan, 0.0, 0.0]], dtype=np.float32)
+    expanded = query.expand_queries(q, index, neighbours=3, power=2.0)
+    unit = normalise(vectors)
+    # The three nearest to the diagonal over both categories: a3, a2 and b2.
+    first = normalise(q[:1])[0]
+    sims = unit @ first
+    top = np.argsort(-sims)[:3]
+    assert sorted(top.tolist()) == [1, 2, 4]
+    want = first + (sims[top, None] ** 2 * unit[top]).sum(axis=0)
+    np.testing.assert_allclose(expanded[0], want / np.linalg.norm(want), rtol=1e-5)
+    assert not expanded[1].any()  # a bad query stays a zero row
+    with pytest.raises(ValueError, match="neighbours >= 1"):
+        query.expand_queries(q, index, neighbours=0, power=1.0)
+
+
+def test_retrieval_over_the_whole_index_crosses_categories():
+    vectors, ids, cats = tiny_index()
+    index = CategoryIndex.build(vectors, ids, cats, labels=cats)
+    s = searcher(index)
+    q = np.array([[0.7, 0.7, 0.0]], dtype=np.float32)
+    inside = s.search(q, k=3, scoring="single")
+    assert inside.category.tolist() == ["A"] and set(inside.match_ids[0]) <= {"a1", "a2", "a3"}
+    s.options = query.Options(scope="all")
+    everywhere = s.search(q, k=3, scoring="single")
+    unit = normalise(vectors)
+    brute = np.argsort(-(unit @ normalise(q)[0]))[:3]
+    assert everywhere.match_ids[0].tolist() == [ids[i] for i in brute]
+    assert everywhere.match_labels[0].tolist() == [cats[i] for i in brute]
+    assert "B" in everywhere.match_labels[0].tolist()  # b2 is among the three nearest
+    with pytest.raises(ValueError, match="unknown scope"):
+        query.Options(scope="world")
+
+
 def searcher(index: CategoryIndex) -> Searcher:
     reps = np.array([[1, 0.2, 0], [0, 1, 0]], dtype=np.float32)
     central = [np.array([[1, 0, 0], [0.9, 0.1, 0]]), np.array([[0, 1, 0]])]

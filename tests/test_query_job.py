@@ -98,6 +98,34 @@ def test_retrieval_by_the_adaptive_score_or_by_style(run: str, deadline: None) -
                 assert match["score"] == pytest.approx(float(expected), abs=1e-5)
 
 
+def test_expanded_queries_weighted_vote_and_retrieval_over_the_whole_index(run: str, deadline: None) -> None:
+    query_stage = io.join(run, "embeddings")
+    argv = ["--run", run, "--index", "index-raw", "--k", "25", "--input", query_stage, "--stage", "results-all",
+            "--scoring", "knn", "--vote-power", "2", "--expand", "3", "--expand-power", "2", "--scope", "all"]
+    assert cli.run_job("query", argv) == 0
+    table, manifest = io.read_table(io.join(run, "results-all"), schemas.RESULTS)
+    assert manifest["method"] == "index-raw/knn^2/expand-3^2/all-retrieval"
+    vectors = {i: c / np.linalg.norm(c) for i, (c, _) in vectors_by_id(query_stage).items()}
+    embeddings, _ = io.read_table(query_stage, schemas.EMBEDDINGS)
+    category_of = dict(zip(embeddings["image_id"].to_pylist(), embeddings["category"].to_pylist(), strict=True))
+    ids = list(vectors)
+    unit = np.stack([vectors[i] for i in ids])
+    crossed = 0
+    for row in table.to_pylist():
+        q = vectors[row["query_id"]]
+        sims = unit @ q
+        top = np.argsort(-sims)[:3]
+        expanded = q + (sims[top, None] ** 2 * unit[top]).sum(axis=0)  # the query expansion, by hand
+        expanded /= np.linalg.norm(expanded)
+        cosine = dict(zip(ids, (unit @ expanded).tolist(), strict=True))
+        # The 25 best cosines of the expanded query over the whole index, each with its own image (near-ties
+        # may swap places, so ranks are compared by score).
+        assert [m["score"] for m in row["matches"]] == pytest.approx(sorted(cosine.values())[::-1][:25], abs=1e-5)
+        assert all(m["score"] == pytest.approx(cosine[m["image_id"]], abs=1e-5) for m in row["matches"])
+        crossed += any(category_of[m["image_id"]] != row["category"] for m in row["matches"])
+    assert crossed == table.num_rows  # 25 matches, 20 images per category: every query's cross categories
+
+
 def test_style_retrieval_needs_an_index_with_style_vectors(write_embeddings, clustered, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture) -> None:
     run = str(tmp_path / "run")

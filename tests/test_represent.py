@@ -223,3 +223,33 @@ def test_listing_pairs_above_the_dense_limit_keep_top_neighbours():
     assert sorted(zip(a.tolist(), b.tolist(), strict=True)) == [(0, 2), (1, 2)]
     with pytest.raises(ValueError, match="listing_pairs"):
         represent.similarity_matrix(paper_listings(), max_listings=2)
+
+
+def test_cluster_centres_keep_one_image_of_each_look():
+    rng = np.random.default_rng(0)
+    # One group of three looks of unequal size: 30, 20 and 10 images around three orthogonal directions.
+    looks = np.eye(8, dtype=np.float32)[:3]
+    sizes = [30, 20, 10]
+    x = np.concatenate([look + 0.05 * rng.normal(size=(n, 8)) for look, n in zip(looks, sizes, strict=True)])
+    centres = represent.cluster_centres(x, 3, seed=0)
+    look_of = np.repeat([0, 1, 2], sizes)
+    assert look_of[centres].tolist() == [0, 1, 2]  # one per look, largest cluster first
+    for look, row in zip(range(3), centres, strict=True):  # each is its cluster's most central image
+        members = np.flatnonzero(look_of == look)
+        assert row == members[np.argmax(represent.total_similarity(vectors.normalise(x[members])))]
+    # The top-3 most central images of the same group all come from the largest look.
+    top = represent.central_images(x, np.zeros(60), 3, "top")[0]
+    assert set(look_of[top].tolist()) == {0}
+    assert represent.cluster_centres(x[:2], 5).tolist() == [0, 1]  # fewer images than m: all of them
+    with pytest.raises(ValueError, match="unknown central method 'median'"):
+        represent.central_images(x, np.zeros(60), 3, "median")
+
+
+def test_central_images_per_group_in_group_order():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 5)).astype(np.float32)
+    groups = np.array(["b", "a"] * 20, dtype=object)
+    found = represent.central_images(x, groups, 4, "kmeans", seed=0)
+    assert len(found) == 2
+    assert set(groups[found[0]]) == {"a"} and set(groups[found[1]]) == {"b"}  # group_rows sorts the labels
+    assert all(len(rows) == 4 for rows in found)

@@ -193,8 +193,8 @@ def majority_labels(source: Source, cats: Categories) -> list[str | None]:
 
 
 def categories_table(cfg: IndexConfig, source: Source, cats: Categories) -> pa.Table:
-    """categories.parquet: representative, representative listing and the top-m most central images."""
-    central = represent.represent_groups(source.vectors, cats.of_image, "most_central", cfg.top_m)
+    """categories.parquet: representative, representative listing and the m extra representatives (--central)."""
+    central = represent.central_images(source.vectors, cats.of_image, cfg.top_m, cfg.central, cfg.seed)
     dim = source.vectors.shape[1]
     return pa.table({
         schemas.CATEGORY: cats.names.tolist(),
@@ -203,9 +203,9 @@ def categories_table(cfg: IndexConfig, source: Source, cats: Categories) -> pa.T
         schemas.REPRESENTATIVE_IMAGE_ID: cats.image_id.tolist(),
         schemas.LABEL: majority_labels(source, cats),
         schemas.LISTINGS: cats.listings,
-        schemas.SIZE: central.sizes,
-        schemas.CENTRAL_IMAGE_IDS: [source.image_ids[top].tolist() for top in central.top],
-        schemas.CENTRAL_VECTORS: pa.array([source.vectors[top].tolist() for top in central.top],
+        schemas.SIZE: [rows.size for rows in vectors.group_rows(cats.of_image)[1]],
+        schemas.CENTRAL_IMAGE_IDS: [source.image_ids[top].tolist() for top in central],
+        schemas.CENTRAL_VECTORS: pa.array([source.vectors[top].tolist() for top in central],
                                      pa.list_(schemas.vector_type(dim))),
     }, schema=schemas.categories(dim))
 

@@ -59,7 +59,7 @@ class QueryMapper:
 
     def __init__(self, sources: IndexSources, cfg: QueryConfig, graph_ref: Any = None) -> None:
         self.cfg = cfg
-        self.searcher = load_searcher(sources.index)
+        self.searcher = dataclasses.replace(load_searcher(sources.index), options=cfg.options())
         self.encoder: Any = None  # a query_latents.QueryEncoder for a latents index
         if sources.model is not None:
             # torch and PyG are imported here, not at the top: an actor of a raw-feature index never needs them,
@@ -179,11 +179,15 @@ def run(cfg: QueryConfig) -> dict[str, Any]:
 def method_name(cfg: QueryConfig, sources: IndexSources) -> str:
     """A short label for evaluation tables: index stage, scoring, (latents) how query latents are formed, and
     what retrieval ranks by when it is not content."""
-    parts = [cfg.index, cfg.scoring]
+    parts = [cfg.index, cfg.scoring + (f"^{cfg.vote_power:g}" if cfg.scoring == "knn" and cfg.vote_power else "")]
     if sources.model is not None:
         parts.append(cfg.query_latent)
+    if cfg.expand:
+        parts.append(f"expand-{cfg.expand}^{cfg.expand_power:g}")
     if cfg.similarity != "content":
         parts.append(f"{cfg.similarity}-retrieval")
+    if cfg.scope != "category":
+        parts.append(f"{cfg.scope}-retrieval")
     return "/".join(parts)
 
 
