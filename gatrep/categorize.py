@@ -441,19 +441,20 @@ class Searcher:
     def search(self, query_vecs: Any, k: int = 10, scoring: str = "single", similarity: str = "content",
                query_style: Any = None, candidates: int | None = 100) -> SearchResults:
         """Categorize every query (by content), then retrieve its k best matches inside the chosen category (or
-        the whole index: `options.scope`) by `similarity` (see `retrieve`). With `options.expand`, each content
-        query is expanded from its nearest indexed images first (`expand_queries`)."""
+        the whole index: `options.scope`) by `similarity` (see `retrieve`). With `options.expand`, retrieval by
+        content re-ranks with each query expanded from its nearest indexed images (`expand_queries`);
+        categorization keeps the query as it is (expansion measured better for retrieval only: README)."""
         self.check_similarity(similarity, query_style)
         _, ok = queries(query_vecs, self.index.dim)
         if similarity != "content":
             assert self.style is not None
             ok &= queries(query_style, self.style.dim)[1]
         clean = np.where(ok[:, None], np.asarray(query_vecs, dtype=np.float32), 0.0)
+        best, scores = self.categorize(clean, scoring, k)
+        best = np.where(ok, best, np.asarray(None, dtype=object))
         if self.options.expand:
             expanded = expand_queries(clean, self.index, self.options.expand, self.options.expand_power)
             clean = np.where(ok[:, None], expanded, 0.0)
-        best, scores = self.categorize(clean, scoring, k)
-        best = np.where(ok, best, np.asarray(None, dtype=object))
         ids, match_scores, match_labels = self.retrieve(clean, best, k, similarity, query_style, candidates)
         return SearchResults(self.names, best, np.where(ok[:, None], scores, np.nan).astype(np.float32), ids,
                              match_scores, match_labels, ok)

@@ -389,8 +389,8 @@ class QueryConfig:
         default=0.0, metadata={"help": "knn scoring: each neighbour votes its cosine ** this (0 = one vote each)"}
     )
     expand: int = dataclasses.field(
-        default=0, metadata={"help": "query expansion: each query moves towards its this-many nearest indexed "
-                                     "images before it is categorized and searched (0 = off)"}
+        default=0, metadata={"help": "query expansion: matches are ranked for the query moved towards its "
+                                     "this-many nearest indexed images (0 = off; categorization is unchanged)"}
     )
     expand_power: float = dataclasses.field(
         default=3.0, metadata={"help": "query expansion: each added image weighs its cosine ** this"}
