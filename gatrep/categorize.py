@@ -396,7 +396,7 @@ class Options:
 
     vote_power: float = 0.0  # knn scoring: a neighbour's vote is its cosine ** vote_power (0: one vote each)
     expand: int = 0  # query expansion: nearest indexed images added to each query first (0: none)
-    expand_power: float = 3.0  # query expansion: each added image weighted by its cosine ** expand_power
+    expand_power: float = 1.0  # query expansion: each added image weighted by its cosine ** expand_power
     scope: str = "category"  # one of SCOPES
 
     def __post_init__(self) -> None:
@@ -442,7 +442,7 @@ class Searcher:
                query_style: Any = None, candidates: int | None = 100) -> SearchResults:
         """Categorize every query (by content), then retrieve its k best matches inside the chosen category (or
         the whole index: `options.scope`) by `similarity` (see `retrieve`). With `options.expand`, retrieval by
-        content re-ranks with each query expanded from its nearest indexed images (`expand_queries`);
+        content (only) re-ranks with each query expanded from its nearest indexed images (`expand_queries`);
         categorization keeps the query as it is (expansion measured better for retrieval only: README)."""
         self.check_similarity(similarity, query_style)
         _, ok = queries(query_vecs, self.index.dim)
@@ -452,7 +452,7 @@ class Searcher:
         clean = np.where(ok[:, None], np.asarray(query_vecs, dtype=np.float32), 0.0)
         best, scores = self.categorize(clean, scoring, k)
         best = np.where(ok, best, np.asarray(None, dtype=object))
-        if self.options.expand:
+        if self.options.expand and similarity == "content":
             expanded = expand_queries(clean, self.index, self.options.expand, self.options.expand_power)
             clean = np.where(ok[:, None], expanded, 0.0)
         ids, match_scores, match_labels = self.retrieve(clean, best, k, similarity, query_style, candidates)

@@ -360,12 +360,14 @@ class QueryConfig:
     input: str = dataclasses.field(
         metadata={"help": "query images (tree or manifest, any fsspec URI), or a published embeddings stage"}
     )
-    index: str = dataclasses.field(default=schemas.INDEX, metadata={"help": "index stage directory under --run"})
+    index: str = dataclasses.field(
+        default="index-raw", metadata={"help": "index stage directory under --run (index-raw: raw backbone features, "
+                                               "the most accurate measured; index: GAT-AE latents)"})
     stage: str = dataclasses.field(default=schemas.RESULTS, metadata={"help": "output stage directory under --run"})
     scoring: str = dataclasses.field(
-        default="single",
-        metadata={"help": "category score: single (one representative), max / mean over the top-m central "
-                          "images, knn (vote of the k nearest indexed images)"},
+        default="knn",
+        metadata={"help": "category score: knn (vote of the k nearest indexed images, the most accurate measured), "
+                          "single (one representative), max / mean over the category's extra representatives"},
     )
     query_latent: str = dataclasses.field(
         default="context-aware",
@@ -389,11 +391,11 @@ class QueryConfig:
         default=0.0, metadata={"help": "knn scoring: each neighbour votes its cosine ** this (0 = one vote each)"}
     )
     expand: int = dataclasses.field(
-        default=0, metadata={"help": "query expansion: matches are ranked for the query moved towards its "
+        default=2, metadata={"help": "query expansion: matches are ranked for the query moved towards its "
                                      "this-many nearest indexed images (0 = off; categorization is unchanged)"}
     )
     expand_power: float = dataclasses.field(
-        default=3.0, metadata={"help": "query expansion: each added image weighs its cosine ** this"}
+        default=1.0, metadata={"help": "query expansion: each added image weighs its cosine ** this"}
     )
     scope: str = dataclasses.field(
         default="category", metadata={"help": "where matches come from: category (inside the chosen category, the "

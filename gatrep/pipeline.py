@@ -9,6 +9,7 @@ shows the three side by side.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 from gatrep import io, schemas, stages
@@ -79,7 +80,8 @@ def build_indexes(cfg: PipelineConfig, source: str) -> None:
 
 
 def method_name(index: str, scoring: str, latent: str) -> str:
-    """The method's name in the evaluation table (query.method_name): index/scoring[/query latent]."""
+    """The method's name for --methods: index/scoring[/query latent] (the evaluation table's name, from
+    query.method_name, adds the default query expansion's suffix)."""
     return "/".join([index, scoring, *([latent] if latent else [])])
 
 
@@ -125,7 +127,8 @@ def results_stage(index: str, scoring: str, latent: str, similarity: str = "cont
 
 
 def run(cfg: PipelineConfig) -> dict[str, Any]:
-    """Run every stage; returns {"run": the run root, "evaluation": the evaluation manifest or None}."""
+    """Run every stage; returns {"run": the run root, "evaluation": the evaluation manifest or None, "headline":
+    the most accurate method's line or ""}."""
     methods = chosen(cfg, all_methods(cfg))  # an unknown name is refused before any work
     source, queries = (cfg.input, cfg.queries) if cfg.input else demo_inputs(cfg.run)
     build_indexes(cfg, source)
@@ -135,9 +138,22 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         evaluation = step("evaluate", EvaluateConfig(run=cfg.run, results=tuple(results), k=cfg.k))
     looks = tuple(results_stage(*LOOKS_METHOD, s) for s in ("content", "style", "adaptive"))
     step("report", ReportConfig(run=cfg.run, looks=looks if queries and cfg.style else ()))
-    return {"run": cfg.run, "evaluation": evaluation}
+    return {"run": cfg.run, "evaluation": evaluation,
+            "headline": most_accurate(cfg.run, evaluation) if evaluation is not None else ""}
+
+
+def most_accurate(run: str, evaluation: dict[str, Any]) -> str:
+    """The headline: the method that categorized the held-out queries best (the first of equals), its accuracy
+    and its mAP@k."""
+    uri = io.join(run, schemas.EVALUATION)
+    document = json.loads(io.read_text_file(uri, evaluation, schemas.EVALUATION_FILE) or "{}")
+    best = max(document["methods"], key=lambda m: m["categorization"]["accuracy"])
+    retrieval = best.get("retrieval") or {}
+    return (f"most accurate on the held-out queries: {best['name']} ({best['categorization']['accuracy']:.1%} "
+            f"categorized right, mAP@{document['k']} {retrieval.get('map', float('nan')):.3f})")
 
 
 def summary(result: dict[str, Any]) -> str:
-    """Where the stages are (each stage printed its own summary, the evaluation its table)."""
-    return f"\npipeline finished; stages under {result['run']}"
+    """The headline and where the stages are (each stage printed its own summary, the evaluation its table)."""
+    return "\n".join(["", *([result["headline"]] if result.get("headline") else []),
+                      f"pipeline finished; stages under {result['run']}"])

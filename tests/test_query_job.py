@@ -87,7 +87,7 @@ def test_retrieval_by_the_adaptive_score_or_by_style(run: str, deadline: None) -
     vectors = vectors_by_id(query_stage)
     for stage, similarity in (("results-adaptive", "adaptive"), ("results-style", "style")):
         table, manifest = io.read_table(io.join(run, stage), schemas.RESULTS)
-        assert manifest["method"] == f"index-raw/single/{similarity}-retrieval" and table.num_rows == 40
+        assert manifest["method"] == f"index-raw/knn/{similarity}-retrieval" and table.num_rows == 40
         for row in table.to_pylist():
             qc, qs = vectors[row["query_id"]]
             scores = [m["score"] for m in row["matches"]]

@@ -20,7 +20,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("s3_bucket", "local_ray")
 INDEXES = ("index", "index-raw")  # the GAT-AE index and the raw-feature baseline (--hog false)
 METHODS = ("index/knn/context-aware", "index-raw/knn")  # two of the six: each query stage is a Ray Data job
 # --style: index-raw/knn is also queried by style and by the adaptive score, and evaluated beside the others.
-EVALUATED = (*METHODS, "index-raw/knn/style-retrieval", "index-raw/knn/adaptive-retrieval")
+# Query expansion (on by default) re-ranks retrieval by content, and the method's name says so.
+EVALUATED = ("index/knn/context-aware/expand-2^1", "index-raw/knn/expand-2^1", "index-raw/knn/style-retrieval",
+             "index-raw/knn/adaptive-retrieval")
 
 
 def write_inputs(tmp_path, s3_bucket, prefix):
@@ -74,6 +76,9 @@ def test_pipeline_on_s3_publishes_every_stage_and_leaks_no_secret(tmp_path, s3_b
     methods = json.loads(io.read_text_file(evaluation_uri, manifest, schemas.EVALUATION_FILE) or "")["methods"]
     assert [m["name"] for m in methods] == list(EVALUATED)
     assert all(m["judged"] == 12 and m["left_out"] == 2 for m in methods)
+    best = max(methods, key=lambda m: m["categorization"]["accuracy"])
+    assert result["headline"].startswith(f"most accurate on the held-out queries: {best['name']} (")
+    assert result["headline"] in pipeline.summary(result)
 
     objects = s3_bucket.objects(run)
     assert any(uri.endswith("_manifest.json") for uri in objects)

@@ -177,12 +177,12 @@ def run(cfg: QueryConfig) -> dict[str, Any]:
 
 
 def method_name(cfg: QueryConfig, sources: IndexSources) -> str:
-    """A short label for evaluation tables: index stage, scoring, (latents) how query latents are formed, and
-    what retrieval ranks by when it is not content."""
+    """A short label for evaluation tables: index stage, scoring (with the vote's power), (latents) how query
+    latents are formed, query expansion, what retrieval ranks by when it is not content, and where from."""
     parts = [cfg.index, cfg.scoring + (f"^{cfg.vote_power:g}" if cfg.scoring == "knn" and cfg.vote_power else "")]
     if sources.model is not None:
         parts.append(cfg.query_latent)
-    if cfg.expand:
+    if cfg.expand and cfg.similarity == "content":
         parts.append(f"expand-{cfg.expand}^{cfg.expand_power:g}")
     if cfg.similarity != "content":
         parts.append(f"{cfg.similarity}-retrieval")
