@@ -1,5 +1,5 @@
-"""Labelled image trees `<root>/<category>/<image>` for demos, tests and benchmarks: digits, Fashion-MNIST, and
-colour tiles of scikit-image's photographs."""
+"""Labelled image trees `<root>/<category>/<image>` for demos, tests and benchmarks: digits, Fashion-MNIST, colour
+tiles of scikit-image's photographs, and near-duplicate listings `<root>/<category>/<listing>/<image>` of them."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import posixpath
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import fsspec
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 
 from gatrep import io as gio
 from gatrep.errors import UserError
@@ -67,6 +67,11 @@ class Tree:
         """The category of each image, in the order of `files`."""
         return [f.split("/", 1)[0] for f in self.files]
 
+    def listings(self) -> list[str]:
+        """The listing of each image as io.discover_inputs names it: `<category>/<listing>` for
+        `<category>/<listing>/<image>`, the category for `<category>/<image>`."""
+        return ["/".join(f.split("/")[:2]) if f.count("/") >= 2 else f.split("/", 1)[0] for f in self.files]
+
     def counts(self) -> dict[str, int]:
         """Images per category, sorted by category name."""
         return dict(sorted(Counter(self.categories()).items()))
@@ -107,12 +112,8 @@ def write_digits(root: str, size: int = 64, fmt: str = "png", limit: int | None 
     Refuses bad arguments, a holdout that cannot be stratified, and a root holding other files unless
     `overwrite` (see `_prepare_root`).
     """
-    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
-
     render = _check_render(size, fmt, resample)
-    digits = load_digits()
-    pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    source = _Source(pixels, digits.target.astype(np.int64), DIGIT_CATEGORIES, "digits")
+    source = _digits_source()
     rows = _select(source.labels, limit, None, seed)
     params = {"dataset": "digits", "size": size, "fmt": fmt, "resample": resample, "limit": limit,
               "holdout": holdout, "seed": seed}
@@ -149,9 +150,257 @@ def write_photo_tiles(root: str, tile: int = 64, size: int = 128, per_category: 
     texture, grain) while its tiles show different things. Non-overlapping `tile`-pixel squares, flat ones
     (pixel standard deviation under 8: sky, black borders) left out, at most `per_category` per photo spread
     evenly, upscaled to `size`. `holdout`, `query_root`, `overwrite`: as write_digits."""
+    render = _check_render(size, "png", "bilinear")
+    source = _photo_source(tile, per_category)
+    rows = np.arange(len(source.labels))
+    params = {"dataset": "photo-tiles", "tile": tile, "size": size, "per_category": per_category,
+              "holdout": holdout, "seed": seed}
+    return _write_split(root, source, rows, render, params, holdout, seed, query_root, overwrite)
+
+
+def write_listings(root: str, source: str = "fashion-mnist", listings: int = 100, views: int = 5,
+                   families: Sequence[str] | None = None, size: int = 128, seed: int = 0,
+                   fashion_dir: str = FASHION_MNIST_DIR, overwrite: bool = False) -> Tree:
+    """Write a near-duplicate benchmark set: `listings` source images, each as a listing
+    `<root>/<category>/<prefix>-<row>/` holding `original.png` and `views` transformed copies
+    `view-<j>-<family>.<png|jpg>` (JPEG only for the jpeg family, at its own low quality).
+
+    `source` is one of LISTING_SOURCES: Fashion-MNIST's training images (read from `fashion_dir`), sklearn's
+    digits, or the colour photo tiles of write_photo_tiles (64-pixel tiles, photo = category). Sources are
+    upscaled bilinearly to `size` pixels; every view is a transform of the original file's exact pixels.
+    Rows are spread evenly over the categories and drawn with `seed`; the view families of a listing are
+    `families` (default: every family of TRANSFORMS) in turn from a seeded offset, so a listing repeats a
+    family only when `views` exceeds their number, and each view's parameters come from its own seeded
+    generator. Equal arguments write equal bytes. Returns the tree (`Tree.listings()` and `view_family` recover
+    each file's listing and family). Refuses an unknown source or family, `listings` or `views` under 1, more
+    listings than the source holds, and a root holding other files unless `overwrite`.
+    """
+    chosen = _check_families(families)
+    if source not in LISTING_SOURCES:
+        raise DatasetError(f"source must be one of {', '.join(LISTING_SOURCES)}, not {source!r}")
+    for name, value in (("listings", listings), ("views", views)):
+        if value < 1:
+            raise DatasetError(f"{name} must be at least 1, not {value}")
+    render = _check_render(size, "png", "bilinear")
+    data = _listing_source(source, fashion_dir)
+    if listings > len(data.labels):
+        raise DatasetError(f"source {source} holds {len(data.labels)} images, fewer than listings={listings}")
+    rows = _select(data.labels, listings, None, seed)
+    params = {"dataset": "listings", "source": source, "listings": listings, "views": views, "families": chosen,
+              "size": size, "seed": seed, "role": "index"}
+    if source == "fashion-mnist":
+        params["fashion_dir"] = fashion_dir
+    fs, path = gio.url_to_fs(root)
+    root = gio.full_uri(fs, path)
+    existing = _prepare_root(fs, path, root, params, overwrite)
+    if existing is not None:
+        return existing
+    plans = {int(r): _view_families(chosen, views, seed, int(r)) for r in rows}
+    files, file_rows = _listing_files(data, plans)
+    encoded = (image for r, plan in plans.items() for image in _listing_images(data, r, plan, render, seed))
+    return _store_tree(fs, path, root, files, file_rows, encoded, params)
+
+
+def view_family(file: str) -> str:
+    """The transformation family of a listing's image file, from its name: "original" for `original.png`, the
+    family for `view-<j>-<family>.<ext>`. Raises DatasetError for any other name."""
+    name = posixpath.basename(file)
+    stem, _, ext = name.rpartition(".")
+    if name == "original.png":
+        return "original"
+    parts = stem.split("-", 2)
+    if len(parts) == 3 and parts[0] == "view" and parts[1].isdigit() and parts[2] in TRANSFORMS \
+            and ext == _view_format(parts[2]):
+        return parts[2]
+    raise DatasetError(f"{file}: not an image of a listings tree (expected original.png or "
+                       "view-<j>-<family>.<png|jpg>)")
+
+
+def transform_view(image: Image.Image, family: str, rng: np.random.Generator) -> Image.Image:
+    """`image` (converted to RGB) transformed by the named family of TRANSFORMS with parameters drawn from `rng`,
+    at the same size. Raises DatasetError for an unknown family."""
+    _check_families([family])
+    return TRANSFORMS[family](image.convert("RGB"), rng)
+
+
+# ----------------------------------------------------------------------------------------------
+# Listings: transformation families, each a deterministic function of (RGB image, random generator)
+
+
+def _random_resized_crop(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A box of 50-90% of the area at an aspect ratio of 3/4 to 4/3, placed at random, resized to the full size."""
+    w, h = image.size
+    area, ratio = rng.uniform(0.5, 0.9) * w * h, math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    cw, ch = min(w, round(math.sqrt(area * ratio))), min(h, round(math.sqrt(area / ratio)))
+    left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    return image.resize((w, h), Image.Resampling.BILINEAR, box=(left, top, left + cw, top + ch))
+
+
+def _flip(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """The horizontal mirror image (no parameters)."""
+    return ImageOps.mirror(image)
+
+
+def _rotate(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Rotated 10-30 degrees either way about the centre, same size, corners filled with the top-left pixel's
+    colour (the background of a product shot)."""
+    angle = float(rng.uniform(10, 30) * rng.choice([-1, 1]))
+    fill = image.getpixel((0, 0))
+    return image.rotate(angle, Image.Resampling.BILINEAR, expand=False, fillcolor=fill)
+
+
+def _colour_jitter(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Brightness and contrast scaled by 0.6-1.4 and saturation by 0.5-1.5 (ImageEnhance), in that order."""
+    for enhancer, low, high in ((ImageEnhance.Brightness, 0.6, 1.4), (ImageEnhance.Contrast, 0.6, 1.4),
+                                (ImageEnhance.Color, 0.5, 1.5)):
+        image = enhancer(image).enhance(float(rng.uniform(low, high)))
+    return image
+
+
+def _jpeg(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Re-compressed as JPEG at quality 5-20, decoded again: a JpegImageFile, which the writer saves with its own
+    quantization tables (`quality="keep"`)."""
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=int(rng.integers(5, 21)))
+    decoded = Image.open(io.BytesIO(buffer.getvalue()))
+    decoded.load()
+    return decoded
+
+
+def _blur(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A Gaussian blur of radius 1-2.5% of the shorter side."""
+    return image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.01, 0.025)) * min(image.size)))
+
+
+_CAPTIONS = ("SALE", "NEW", "50% OFF", "© shop", "FREE SHIPPING", "sample", "HOT DEAL", "watermark")
+
+
+def _text(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A caption of _CAPTIONS in Pillow's default font, 8-16% of the height tall (shrunk to fit the width), at a
+    random place, in a random colour at 50-100% opacity: added text or a watermark."""
+    w, h = image.size
+    caption = str(rng.choice(_CAPTIONS))
+    colour = tuple(int(c) for c in rng.integers(0, 256, 3)) + (int(rng.integers(128, 256)),)
+    font_size = max(6, round(h * rng.uniform(0.08, 0.16)))
+    overlay = Image.new("RGBA", image.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(overlay)
+    while True:
+        font = ImageFont.load_default(font_size)
+        left, top, right, bottom = draw.textbbox((0, 0), caption, font=font)
+        if right - left <= w - 2 or font_size <= 6:
+            break
+        font_size -= 1
+    x = int(rng.integers(0, max(1, w - int(right - left)))) - int(left)
+    y = int(rng.integers(0, max(1, h - int(bottom - top)))) - int(top)
+    draw.text((x, y), caption, fill=colour, font=font)
+    return Image.alpha_composite(image.convert("RGBA"), overlay).convert("RGB")
+
+
+def _letterbox(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Shrunk to 60-85% of its size and centred on a canvas of the original size filled black, white or grey."""
+    w, h = image.size
+    scale = rng.uniform(0.6, 0.85)
+    small = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
+    canvas = Image.new("RGB", image.size, _PADDING[int(rng.integers(len(_PADDING)))])
+    canvas.paste(small, ((w - small.width) // 2, (h - small.height) // 2))
+    return canvas
+
+
+_PADDING = ((0, 0, 0), (255, 255, 255), (128, 128, 128))
+
+
+def _grayscale(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Pillow's luma (L) copied to all three channels (no parameters; the identity on a grey source)."""
+    return image.convert("L").convert("RGB")
+
+
+Transform = Callable[[Image.Image, np.random.Generator], Image.Image]
+TRANSFORMS: dict[str, Transform] = {
+    "crop": _random_resized_crop, "flip": _flip, "rotate": _rotate, "jitter": _colour_jitter, "jpeg": _jpeg,
+    "blur": _blur, "text": _text, "letterbox": _letterbox, "grayscale": _grayscale,
+}
+LISTING_SOURCES = ("fashion-mnist", "digits", "photos")
+_LISTING_TILE = 64  # photo tiles: the side write_photo_tiles uses by default
+
+
+def _check_families(families: Sequence[str] | None) -> list[str]:
+    """The families as a list (default: all of TRANSFORMS), or DatasetError for none, an unknown or a repeated one."""
+    chosen = list(TRANSFORMS) if families is None else list(families)
+    unknown = [f for f in chosen if f not in TRANSFORMS]
+    if unknown:
+        raise DatasetError(f"unknown transformation famil{'y' if len(unknown) == 1 else 'ies'} "
+                           f"{', '.join(map(repr, unknown))}; known: {', '.join(TRANSFORMS)}")
+    if not chosen or len(set(chosen)) != len(chosen):
+        raise DatasetError(f"families must name at least one family, each once (got {chosen})")
+    return chosen
+
+
+def _listing_source(source: str, fashion_dir: str) -> _Source:
+    """The images listings are made of: Fashion-MNIST's training split, digits, or every non-flat photo tile."""
+    if source == "digits":
+        return _digits_source()
+    if source == "photos":
+        return _photo_source(_LISTING_TILE, 2**31)
+    pixels, labels = load_fashion_mnist("train", fashion_dir)
+    return _Source(pixels, labels.astype(np.int64), FASHION_MNIST_CATEGORIES, "train")
+
+
+def _view_families(families: Sequence[str], views: int, seed: int, row: int) -> list[str]:
+    """The family of each view of the listing of source `row`: `families` in turn from a seeded offset."""
+    offset = int(np.random.default_rng([seed, row]).integers(len(families)))
+    return [families[(offset + j) % len(families)] for j in range(views)]
+
+
+def _listing_files(source: _Source, plans: dict[int, list[str]]) -> tuple[list[str], list[int]]:
+    """(`<category>/<prefix>-<row>/<image>` paths, source row of each) of the listings planned as {row: families}."""
+    files, rows = [], []
+    for row, plan in plans.items():
+        folder = f"{source.categories[source.labels[row]]}/{source.prefix}-{row:05d}"
+        names = ["original.png"] + [f"view-{j + 1:02d}-{f}.{_view_format(f)}" for j, f in enumerate(plan)]
+        files += [f"{folder}/{name}" for name in names]
+        rows += [row] * len(names)
+    return files, rows
+
+
+def _view_format(family: str) -> str:
+    return "jpg" if family == "jpeg" else "png"
+
+
+def _listing_images(source: _Source, row: int, plan: Sequence[str], render: _Render, seed: int) -> Iterator[bytes]:
+    """The encoded original of `row` (PNG, as _encode writes it), then each view of `plan` transformed from the
+    original's exact pixels, view j drawing its parameters from generator (seed, row, j)."""
+    original = _encode(source.pixels[row], render)
+    yield original
+    with Image.open(io.BytesIO(original)) as decoded:
+        image = decoded.convert("RGB")
+    for j, family in enumerate(plan):
+        view = transform_view(image, family, np.random.default_rng([seed, row, j + 1]))
+        buffer = io.BytesIO()
+        if family == "jpeg":
+            view.save(buffer, "JPEG", quality="keep", subsampling="keep")
+        else:
+            view.save(buffer, "PNG")
+        yield buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources in memory
+
+
+def _digits_source() -> _Source:
+    """scikit-learn's digits (bundled: no download), values 0..16 scaled to 0..255."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    return _Source(pixels, digits.target.astype(np.int64), DIGIT_CATEGORIES, "digits")
+
+
+def _photo_source(tile: int, per_category: int) -> _Source:
+    """Non-overlapping `tile`-pixel squares of each photo of PHOTOS, flat ones (pixel standard deviation under
+    8) left out, at most `per_category` per photo spread evenly over it."""
     import skimage.data
 
-    render = _check_render(size, "png", "bilinear")
     tiles, labels = [], []
     for label, name in enumerate(PHOTOS):
         photo = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
@@ -161,11 +410,7 @@ def write_photo_tiles(root: str, tile: int = 64, size: int = 128, per_category: 
         keep = np.linspace(0, len(squares) - 1, min(per_category, len(squares))).round().astype(int)
         tiles += [squares[i] for i in keep]
         labels += [label] * len(keep)
-    source = _Source(np.stack(tiles), np.asarray(labels, np.int64), PHOTOS, "photos")
-    rows = np.arange(len(labels))
-    params = {"dataset": "photo-tiles", "tile": tile, "size": size, "per_category": per_category,
-              "holdout": holdout, "seed": seed}
-    return _write_split(root, source, rows, render, params, holdout, seed, query_root, overwrite)
+    return _Source(np.stack(tiles), np.asarray(labels, np.int64), PHOTOS, "photos")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,13 +558,25 @@ def _write_tree(root: str, source: _Source, rows: np.ndarray, render: _Render, p
     if existing is not None:
         return existing
     files = [f"{source.categories[source.labels[r]]}/{source.prefix}-{r:05d}.{render.fmt}" for r in rows]
-    for category in sorted({f.split("/", 1)[0] for f in files}):
-        fs.makedirs(posixpath.join(path, category), exist_ok=True)
-    for start in range(0, len(rows), _CHUNK):
-        chunk = range(start, min(start + _CHUNK, len(rows)))
-        fs.pipe({posixpath.join(path, files[i]): _encode(source.pixels[rows[i]], render) for i in chunk})
+    return _store_tree(fs, path, root, files, rows, (_encode(source.pixels[r], render) for r in rows), params)
+
+
+def _store_tree(fs: fsspec.AbstractFileSystem, path: str, root: str, files: Sequence[str], rows: Iterable[int],
+                encoded: Iterable[bytes], params: dict[str, Any]) -> Tree:
+    """Write `encoded` (one image's bytes per file, in order) as `files` under `path`, _CHUNK images per fs.pipe
+    call, then the marker last; returns the tree, `rows` being the source row of each file."""
+    for folder in sorted({posixpath.dirname(f) for f in files}):
+        fs.makedirs(posixpath.join(path, folder), exist_ok=True)
+    chunk: dict[str, bytes] = {}
+    for name, data in zip(files, encoded, strict=True):
+        chunk[posixpath.join(path, name)] = data
+        if len(chunk) == _CHUNK:
+            fs.pipe(chunk)
+            chunk = {}
+    if chunk:
+        fs.pipe(chunk)
     tree = Tree(root, tuple(files), tuple(int(r) for r in rows))
-    marker = {"params": params, "counts": tree.counts(), "files": files, "source_rows": list(tree.source_rows)}
+    marker = {"params": params, "counts": tree.counts(), "files": list(files), "source_rows": list(tree.source_rows)}
     fs.pipe_file(posixpath.join(path, MARKER), json.dumps(marker).encode())
     return tree
 
@@ -351,7 +608,7 @@ def _prepare_root(fs: fsspec.AbstractFileSystem, path: str, root: str, params: d
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m gatrep.datasets",
-                                     description="Write a labelled image tree <root>/<category>/<image>.")
+                                     description="Write a labelled image tree <root>/<category>/[<listing>/]<image>.")
     sub = parser.add_subparsers(dest="dataset", required=True)
     digits = sub.add_parser("digits", help="scikit-learn's 1,797 8x8 digits, upscaled")
     digits.add_argument("root", help="output tree, any fsspec URI")
@@ -376,7 +633,18 @@ def _parser() -> argparse.ArgumentParser:
     photos.add_argument("--per-category", type=int, default=40, help="at most this many tiles per photo")
     photos.add_argument("--holdout", type=float, default=0.0, help="stratified fraction for a query tree")
     photos.add_argument("--query-root", help="where held-out queries go (default: <root>-query)")
-    for p in (digits, fashion, photos):
+    listings = sub.add_parser("listings", help="near-duplicate listings: each an original and transformed views")
+    listings.add_argument("root", help="output tree <root>/<category>/<listing>/<image>, any fsspec URI")
+    listings.add_argument("--source", choices=LISTING_SOURCES, default="fashion-mnist",
+                          help="images the listings are made of (default: fashion-mnist)")
+    listings.add_argument("--listings", type=int, default=100, help="listings, spread over categories (default: 100)")
+    listings.add_argument("--views", type=int, default=5, help="transformed views per listing (default: 5)")
+    listings.add_argument("--families", help=f"comma-separated transformation families (default: all of "
+                                             f"{','.join(TRANSFORMS)})")
+    listings.add_argument("--size", type=int, default=128, help="pixels per side (default: 128)")
+    listings.add_argument("--fashion-dir", default=FASHION_MNIST_DIR,
+                          help=f"Fashion-MNIST IDX directory (default: {FASHION_MNIST_DIR})")
+    for p in (digits, fashion, photos, listings):
         p.add_argument("--seed", type=int, default=0, help="which rows limit/holdout pick (default: 0)")
         p.add_argument("--overwrite", action="store_true", help="replace whatever the root holds")
     return parser
@@ -385,7 +653,9 @@ def _parser() -> argparse.ArgumentParser:
 def _describe(tree: Tree, seconds: float) -> str:
     verb = "found complete" if tree.reused else f"wrote in {seconds:.1f} s"
     counts = ", ".join(f"{c}={n}" for c, n in tree.counts().items())
-    return f"{tree.root}: {len(tree.files)} images, {verb} ({counts})"
+    nested = any(f.count("/") >= 2 for f in tree.files)
+    grouped = f" in {len(set(tree.listings()))} listings" if nested else ""
+    return f"{tree.root}: {len(tree.files)} images{grouped}, {verb} ({counts})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -396,6 +666,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dataset == "digits":
             tree = write_digits(args.root, args.size, args.fmt, args.limit, args.holdout, args.seed,
                                 args.resample, args.query_root, args.overwrite)
+        elif args.dataset == "listings":
+            families = None if args.families is None else [f.strip() for f in args.families.split(",")]
+            tree = write_listings(args.root, args.source, args.listings, args.views, families, args.size, args.seed,
+                                  args.fashion_dir, args.overwrite)
         elif args.dataset == "photos":
             tree = write_photo_tiles(args.root, args.tile, args.size, args.per_category, args.holdout, args.seed,
                                      args.query_root, args.overwrite)
