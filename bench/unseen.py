@@ -36,9 +36,8 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 from sklearn.model_selection import train_test_split
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import quality  # noqa: E402 - bench/quality.py: the split, crops and features
-
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: `bench` importable
+from bench import quality  # noqa: E402 - the pools, split, feature cache and Searcher of bench/quality.py
 from gatrep import represent  # noqa: E402
 from gatrep.categorize import review  # noqa: E402
 from gatrep.config import ModelConfig  # noqa: E402
