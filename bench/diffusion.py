@@ -63,7 +63,7 @@ def grad_rows(x: np.ndarray, labels: np.ndarray, xq: np.ndarray, q: np.ndarray, 
     fitted = diffusion.fit(x, cfg)
     print(f"    grad-net fitted in {time.perf_counter() - t:.0f} s, loss {fitted.losses[0]:.3f} -> "
           f"{fitted.losses[-1]:.3f}", flush=True)
-    raw_qfe = diffusion.expand_queries(xq, x, normalise(x), cfg.qfe_k, cfg.qfe_rounds)
+    raw_qfe = diffusion.query_feature_expansion(xq, x, normalise(x), cfg.qfe_k, cfg.qfe_rounds)
     return {
         f"raw + QFE (k={cfg.qfe_k} x{cfg.qfe_rounds}, no training), 10-NN vote": knn_figures(x, labels, raw_qfe, q, k),
         f"grad-net + QFE (k={cfg.qfe_k} x{cfg.qfe_rounds}), 10-NN vote": knn_figures(
@@ -86,7 +86,7 @@ def choose(x: np.ndarray, labels: np.ndarray, grid: list[dict[str, Any]], base: 
         t = time.perf_counter()
         fitted = diffusion.fit(xi, cfg)
         for rounds in (1, 2):
-            hq = diffusion.expand_queries(xv, fitted.raw, fitted.features, cfg.qfe_k, rounds)
+            hq = diffusion.query_feature_expansion(xv, fitted.raw, fitted.features, cfg.qfe_k, rounds)
             m = knn_figures(fitted.features, yi, hq, yv, k).map_all
             print(f"    {json.dumps(overrides):24s} QFE x{rounds}: mAP@{k} {m:.3f}  "
                   f"(fit {time.perf_counter() - t:.0f} s, loss {fitted.losses[0]:.3f} -> {fitted.losses[-1]:.3f})",

@@ -243,14 +243,14 @@ def test_qfe_by_hand_once_and_twice() -> None:
     unit_q = q / np.linalg.norm(q)
     s = normalise(raw) @ unit_q[0]  # cosines to the three indexed images; nearest two: 0 and 2
     expected = normalise(s[0] * out[0] + s[2] * out[2])
-    once = diffusion.expand_queries(q, raw, out, k=2)
+    once = diffusion.query_feature_expansion(q, raw, out, k=2)
     assert np.allclose(once, expected[None], atol=1e-6)
     s2 = out @ expected  # second round: cosines of the first h_q to the diffused index features
     top = np.argsort(-s2)[:2]
-    twice = diffusion.expand_queries(q, raw, out, k=2, rounds=2)
+    twice = diffusion.query_feature_expansion(q, raw, out, k=2, rounds=2)
     assert np.allclose(twice, normalise(s2[top[0]] * out[top[0]] + s2[top[1]] * out[top[1]])[None], atol=1e-6)
     with pytest.raises(ValueError, match="rounds"):
-        diffusion.expand_queries(q, raw, out, k=2, rounds=3)
+        diffusion.query_feature_expansion(q, raw, out, k=2, rounds=3)
 
 
 def test_fit_is_deterministic_by_seed() -> None:

@@ -410,7 +410,7 @@ def diffuse(net: DiffusionNet, graph: Graph, batch_size: int = 4096) -> Tensor:
 # Query feature expansion (Eq. 22)
 
 
-def expand_queries(queries: Any, index_raw: Any, index_out: Any, k: int = 10, rounds: int = 1) -> np.ndarray:
+def query_feature_expansion(queries: Any, index_raw: Any, index_out: Any, k: int = 10, rounds: int = 1) -> np.ndarray:
     """Unit diffused features [Q, D] of unseen queries: h_q = sum over the query's k nearest indexed images x
     (by cosine of raw features) of s_qx h_x (Eq. 22). With rounds=2 the expansion is repeated from the k nearest
     by cosine of the first round's h_q to the diffused index features (section 5.3). Negative s_qx count 0."""
@@ -452,7 +452,7 @@ class Diffusion:
 
     def query_features(self, queries: Any) -> np.ndarray:
         """Diffused features [Q, D] of unseen queries by QFE (config.qfe_k, config.qfe_rounds)."""
-        return expand_queries(queries, self.raw, self.features, self.config.qfe_k, self.config.qfe_rounds)
+        return query_feature_expansion(queries, self.raw, self.features, self.config.qfe_k, self.config.qfe_rounds)
 
 
 def fit(x: Any, cfg: DiffusionConfig, neighbours: Any = None, similarities: Any = None,
