@@ -94,7 +94,7 @@ def expand_queries(query_vecs: Any, index: CategoryIndex, neighbours: int, power
     """Alpha query expansion (Radenovic et al. 2018; GRAD-Net's query feature expansion on the index's own
     vectors): each unit query plus its `neighbours` nearest indexed vectors over all categories, each weighted by
     its cosine ** `power` (cosines below 0 count 0), scaled back to unit length. A query moves towards the dense
-    part of the collection it sits in, which both the vote and retrieval then search from. Rows with NaN/inf
+    part of the collection it sits in, and retrieval from there finds more of that part. Rows with NaN/inf
     become zero rows, as in `queries`."""
     if neighbours < 1 or power < 0:
         raise ValueError(f"query expansion needs neighbours >= 1 and power >= 0, not {neighbours} and {power}")
@@ -395,7 +395,7 @@ class Options:
     """How the query path votes, expands queries and retrieves (the query stage's flags of the same names)."""
 
     vote_power: float = 0.0  # knn scoring: a neighbour's vote is its cosine ** vote_power (0: one vote each)
-    expand: int = 0  # query expansion: nearest indexed images added to each query first (0: none)
+    expand: int = 0  # query expansion: nearest indexed images added to each query before retrieval (0: none)
     expand_power: float = 1.0  # query expansion: each added image weighted by its cosine ** expand_power
     scope: str = "category"  # one of SCOPES
 
@@ -410,7 +410,7 @@ class Options:
 class Searcher:
     """Category representatives plus the per-category retrieval index: the whole query path of the paper.
 
-    `names[c]`, `representatives[c]` and `central[c]` (top-m most central vectors) describe category c;
+    `names[c]`, `representatives[c]` and `central[c]` (its extra representatives, [m, d]) describe category c;
     `labels[c]` is the input category most of its images carry (for evaluation). `style` is the retrieval index
     of the same images' style vectors, when they were embedded with --style. `options` say how to vote, expand
     and retrieve.
