@@ -152,6 +152,11 @@ class GraphConfig:
                                       "anew: new and changed nodes get exact neighbours, the rest are repaired "
                                       "(jobs.reindex sets it); needs --group-by none and no --mutual"},
     )
+    partitions: int = dataclasses.field(
+        default=1, metadata={"help": "k-means cells built as separate Ray tasks and merged (gatrep.shard); "
+                                     "1 = one build in the driver, 0 = chosen from the data size and cluster "
+                                     "memory; needs --group-by none and no --update-from"},
+    )
 
     def __post_init__(self) -> None:
         if self.k <= 0:
@@ -168,6 +173,11 @@ class GraphConfig:
             raise ConfigError("exact_below and recall_sample must be >= 0")
         if self.update_from and (self.mutual or self.group_by != "none"):
             raise ConfigError("--update-from updates a plain k-NN graph: it needs --group-by none and no --mutual")
+        if self.partitions < 0:
+            raise ConfigError(f"partitions must be >= 0 (0 = chosen from the data), not {self.partitions}")
+        if self.partitions != 1 and (self.update_from or self.group_by != "none"):
+            raise ConfigError("--partitions shards one graph of the whole collection: it needs --group-by none and "
+                              "no --update-from (use --partitions 1 with those)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -2,8 +2,9 @@
 `run(cfg) -> manifest` and `summary(manifest) -> str`.
 
 Only stage modules read or write stage directories (through gatrep.io and the contract in
-gatrep.schemas) or touch Ray; the algorithms they call take and return arrays. A stage that needs Ray
-calls `init_ray()`, the one place Ray is started.
+gatrep.schemas); the algorithms they call take and return arrays. Ray is touched by the stage modules and
+by gatrep.shard (the graph's cells as Ray tasks, on arrays); a stage that needs Ray calls `init_ray()`,
+the one place Ray is started.
 """
 
 from __future__ import annotations

@@ -92,6 +92,8 @@ def run(cfg: GraphConfig) -> dict[str, Any]:
         with io.timed(timings, "build"):
             if old is not None:
                 neighbours, similarities, counts = _update(nodes, old, cfg)
+            elif cfg.partitions != 1:
+                neighbours, similarities, counts = _sharded(unit, cfg)
             else:
                 neighbours, similarities, counts = knn.grouped_knn(
                     unit, groups, cfg.k, cfg.exact_below, metric=cfg.metric, n_jobs=cfg.n_jobs, seed=cfg.seed,
@@ -114,6 +116,19 @@ def run(cfg: GraphConfig) -> dict[str, Any]:
                     "measured": "before the mutual filter" if cfg.mutual else "on the published neighbours"},
             counts=counts, timings=timings,
         )
+
+
+def _sharded(unit: np.ndarray, cfg: GraphConfig) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """The k-NN graph of `unit` built by gatrep.shard in --partitions cells as Ray tasks (0: as many as the
+    Ray instance's memory asks for); at most one cell per k + 1 nodes."""
+    from gatrep import shard
+    from gatrep.stages import init_ray
+
+    init_ray()
+    partitions = cfg.partitions or shard.cluster_partitions(*unit.shape)
+    partitions = max(1, min(partitions, len(unit) // (cfg.k + 1)))
+    return shard.sharded_knn(unit, cfg.k, partitions, cfg.exact_below, seed=cfg.seed, n_jobs=cfg.n_jobs,
+                             metric=cfg.metric, build_k=cfg.build_k)
 
 
 def _update(nodes: Nodes, old: Graph, cfg: GraphConfig) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
@@ -173,8 +188,10 @@ def summary(manifest: dict[str, Any]) -> str:
         + (f", only={manifest['only']!r}" if manifest.get("only") else "")
         + (", mutual" if manifest["mutual"] else "") + ")",
         f"  edges: {counts['edges']} (k-NN {counts['edges_knn']}); nodes without neighbours: "
-        f"{counts['nodes_without_neighbours']}; groups: {counts['groups']} "
-        f"({counts['exact_groups']} exact, {counts['approximate_groups']} pynndescent)",
+        f"{counts['nodes_without_neighbours']}; "
+        + (f"{counts['partitions']} cells of {counts['smallest_cell']}..{counts['largest_cell']} nodes (overlap "
+           f"{counts['overlap']}; " if "partitions" in counts else f"groups: {counts['groups']} (")
+        + f"{counts['exact_groups']} exact, {counts['approximate_groups']} pynndescent)",
         *([f"  updated from {manifest['upstream']['previous_graph']['uri']}: {counts['new_nodes']} new or changed "
            f"nodes, {counts['removed_nodes']} removed, {counts['searched_again']} searched again, "
            f"{counts['lists_repaired']} lists repaired"] if "new_nodes" in counts else []),

@@ -1,0 +1,122 @@
+"""The sharded k-NN build (gatrep.shard): cell assignment, merging by hand, recall against exact search, one
+partition as the single build, and the graph job with --partitions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gatrep import cli, io, knn, schemas, shard
+from gatrep.config import ConfigError, GraphConfig
+from gatrep.vectors import PAD, exact_knn, normalise
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+
+
+def _unit(degrees: list[float]) -> np.ndarray:
+    radians = np.deg2rad(np.asarray(degrees, dtype=np.float64))
+    return np.stack([np.cos(radians), np.sin(radians)], axis=1).astype(np.float32)
+
+
+def test_assign_cells_puts_each_row_in_its_nearest_cells_nearest_first() -> None:
+    # Three tight clusters at 0, 100 and 220 degrees: with 3 cells each cluster is one cell; a row's second cell
+    # is the next nearest cluster: 0 -> 100, 100 -> 0, 220 -> 100 (120 degrees away, against 140 to 0).
+    vectors = _unit([0, 1, 2, 100, 101, 102, 220, 221, 222])
+    cells = shard.assign_cells(vectors, 3, overlap=2, seed=0)
+    first = cells[:, 0]
+    assert len(set(first[:3])) == len(set(first[3:6])) == len(set(first[6:])) == 1
+    assert len({first[0], first[3], first[6]}) == 3, "each cluster is its own cell"
+    assert cells[:, 1].tolist() == [first[3]] * 3 + [first[0]] * 3 + [first[3]] * 3
+    members = shard.cell_members(cells, 3)
+    assert members[first[0]].tolist() == [0, 1, 2, 3, 4, 5]
+    assert members[first[3]].tolist() == list(range(9))
+    assert members[first[6]].tolist() == [6, 7, 8]
+    assert shard.assign_cells(vectors, 3, overlap=1, seed=0).tolist() == first[:, None].tolist()
+    with pytest.raises(ValueError, match="overlap 3"):
+        shard.assign_cells(vectors, 2, overlap=3)
+
+
+def test_merge_candidates_keeps_k_best_distinct_and_drops_self_by_hand() -> None:
+    # Node 0 is in both cells: cell A offers 1 (0.9), 2 (0.5); cell B offers 1 again (0.9), 3 (0.7), itself.
+    cell_a = (np.array([0, 1]), np.array([[1, 2], [0, PAD]]),
+              np.array([[0.9, 0.5], [0.9, np.nan]], dtype=np.float32))
+    cell_b = (np.array([0, 3]), np.array([[1, 3], [0, 0]]),
+              np.array([[0.9, 0.7], [0.7, 0.7]], dtype=np.float32))
+    cell_c = (np.array([0]), np.array([[0, PAD]]), np.array([[1.0, np.nan]], dtype=np.float32))
+    neighbours, sims = shard.merge_candidates(4, 3, [cell_a, cell_b, cell_c])
+    assert neighbours.tolist() == [[1, 3, 2], [0, PAD, PAD], [PAD, PAD, PAD], [0, PAD, PAD]]
+    np.testing.assert_allclose(sims[0], [0.9, 0.7, 0.5], rtol=1e-6)
+    assert np.isnan(sims[1:, 1:]).all() and np.isnan(sims[2, 0]), "missing neighbours have no similarity"
+
+
+def test_one_partition_is_the_single_build(clustered) -> None:
+    vectors = clustered(50, 6, dim=16)
+    single = knn.grouped_knn(vectors, np.zeros(len(vectors)), 5, exact_below=4096, n_jobs=1, seed=3)
+    sharded = shard.sharded_knn(vectors, 5, 1, exact_below=4096, n_jobs=1, seed=3)
+    np.testing.assert_array_equal(sharded[0], single[0])
+    np.testing.assert_array_equal(sharded[1], single[1])
+    assert sharded[2] == single[2]
+
+
+def _recall(found: np.ndarray, exact: np.ndarray) -> float:
+    return float(np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found, exact, strict=True)]))
+
+
+def test_sharded_build_reaches_exact_recall_on_clustered_data() -> None:
+    # 30 loose clusters that overlap: 4 cells must cut some of them, and the second cell of each row is what
+    # finds the neighbours across the cut. Cells are searched exactly (below exact_below), so every miss is a
+    # neighbour across a cell boundary.
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((30, 32))
+    vectors = normalise(np.repeat(centres, 100, axis=0) + rng.standard_normal((3_000, 32)))
+    exact, _ = exact_knn(vectors, 10)
+    neighbours, sims, counts = shard.sharded_knn(vectors, 10, 4, exact_below=4096, seed=0, n_jobs=1)
+    one_cell_each, _, _ = shard.sharded_knn(vectors, 10, 4, exact_below=4096, overlap=1, seed=0, n_jobs=1)
+    assert _recall(neighbours, exact) >= 0.95
+    assert _recall(one_cell_each, exact) < 0.9, "without overlap the boundaries lose neighbours"
+    assert counts["partitions"] == 4 and counts["overlap"] == 2 and counts["largest_cell"] < 3_000
+    assert (neighbours != np.arange(3_000)[:, None]).all() and (neighbours != PAD).all()
+    assert all(len(set(row)) == 10 for row in neighbours), "neighbours are distinct"
+    assert (np.diff(sims, axis=1) <= 1e-6).all(), "best first"
+    picked = rng.choice(3_000, 50, replace=False)
+    np.testing.assert_allclose(sims[picked], np.einsum("nkd,nd->nk", vectors[neighbours[picked]], vectors[picked]),
+                               atol=1e-5)
+
+
+def test_choose_partitions_grows_with_data_and_shrinks_with_memory() -> None:
+    assert shard.choose_partitions(10_000, 64, memory_bytes=8e9, cpus=2) == 1
+    few = shard.choose_partitions(10_000_000, 512, memory_bytes=64e9, cpus=8)
+    many = shard.choose_partitions(10_000_000, 512, memory_bytes=16e9, cpus=8)
+    assert 2 <= few < many
+    # A cell of n * overlap / p rows fits in half a CPU's share of memory.
+    assert 10_000_000 * 2 / many * (4 * 512 + shard.ROW_OVERHEAD) <= 0.5 * 16e9 / 8
+    assert shard.cluster_partitions(1_000, 8) == 1
+    with pytest.raises(ValueError, match="positive"):
+        shard.choose_partitions(0, 8, 1e9, 1)
+
+
+def test_graph_config_refuses_partitions_with_groups_or_updates() -> None:
+    with pytest.raises(ConfigError, match="--group-by none"):
+        GraphConfig(run="r", partitions=2, group_by="listing")
+    with pytest.raises(ConfigError, match="no --update-from"):
+        GraphConfig(run="r", partitions=0, update_from="r/old-graph")
+    with pytest.raises(ConfigError, match=">= 0"):
+        GraphConfig(run="r", partitions=-1)
+    assert GraphConfig(run="r", partitions=1, group_by="listing").partitions == 1
+
+
+def test_graph_job_with_two_partitions_finds_each_cluster(clustered, write_embeddings, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    run = str(tmp_path)
+    vectors = clustered(20, 6, dim=16)
+    write_embeddings(run, vectors)
+    assert cli.run_job("graph", ["--run", run, "--k", "5", "--partitions", "2"]) == 0
+    table, manifest = io.read_table(io.join(run, "graph"), "graph")
+    rows = table.sort_by(schemas.NODE).to_pylist()
+    assert [r[schemas.NODE] for r in rows] == list(range(120))
+    assert all(j // 20 == i // 20 and j != i for i, r in enumerate(rows) for j in r[schemas.NEIGHBOURS])
+    assert manifest["config"]["partitions"] == 2 and manifest["counts"]["partitions"] == 2
+    assert manifest["recall"]["value"] == 1.0 and manifest["counts"]["edges"] == 600
+    assert "2 cells of" in capsys.readouterr().out
