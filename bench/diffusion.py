@@ -34,10 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 
 from bench.quality import (  # noqa: E402
     Figures,
-    cached_features,
     judge,
-    load_pool,
     markdown,
+    pool_features,
     raw_rows,
     searcher,
     split,
@@ -122,9 +121,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     start = time.perf_counter()
-    pool = load_pool(args.dataset, args.index_pool, args.query_pool, args.fashion_dir)
-    x_pool = cached_features(args, pool.index)
-    xq_pool = x_pool if pool.shared else cached_features(args, pool.query)
+    pool, x_pool, xq_pool = pool_features(args)
     print(f"{args.dataset}: features {x_pool.shape}; {time.perf_counter() - start:.1f} s", flush=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     base = json.loads(args.base)

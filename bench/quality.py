@@ -138,6 +138,13 @@ def cached_features(args: argparse.Namespace, grey: np.ndarray) -> np.ndarray:
     return x
 
 
+def pool_features(args: argparse.Namespace) -> tuple[Pool, np.ndarray, np.ndarray]:
+    """The image pool of --dataset and the cached features of its index and query pools (one array when shared)."""
+    pool = load_pool(args.dataset, args.index_pool, args.query_pool, args.fashion_dir)
+    x_pool = cached_features(args, pool.index)
+    return pool, x_pool, x_pool if pool.shared else cached_features(args, pool.query)
+
+
 # ----------------------------------------------------------------------------------------------
 # Judging one method on one split
 
@@ -364,9 +371,7 @@ def main() -> None:
     torch.set_num_threads(args.procs)
 
     start = time.perf_counter()
-    pool = load_pool(args.dataset, args.index_pool, args.query_pool, args.fashion_dir)
-    x_pool = cached_features(args, pool.index)
-    xq_pool = x_pool if pool.shared else cached_features(args, pool.query)
+    pool, x_pool, xq_pool = pool_features(args)
     print(f"{args.dataset}: features {x_pool.shape} of the index pool, {len(pool.query)} query pool images; "
           f"{args.backbone} on {args.device}; {time.perf_counter() - start:.1f} s", flush=True)
     runs = []

@@ -56,9 +56,7 @@ class Data:
 
 def load(args: argparse.Namespace) -> Data:
     """Features of seed 0's split of bench/quality.py (its pools, split and feature cache under --cache)."""
-    pool = quality.load_pool(args.dataset, args.index_pool, args.query_pool, args.fashion_dir)
-    x_pool = quality.cached_features(args, pool.index)
-    xq_pool = x_pool if pool.shared else quality.cached_features(args, pool.query)
+    pool, x_pool, xq_pool = quality.pool_features(args)
     rows, qrows = quality.split(pool, 0, args.index_limit, args.query_limit)
     return Data(x_pool[rows], pool.index_labels[rows], xq_pool[qrows], pool.query_labels[qrows])
 
