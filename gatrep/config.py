@@ -41,8 +41,14 @@ class EmbedConfig:
         metadata={"help": "auto (GPU actors if the cluster has GPUs now), cuda (ask for GPUs: lets an "
                           "autoscaler add GPU nodes), or cpu"},
     )
+    decode: str = dataclasses.field(
+        default="auto", metadata={"help": "where JPEGs are decoded: tasks (Pillow, in CPU tasks), actor (batched in "
+                                          "the backbone actor: nvJPEG on its GPU), auto (actor when the actors have "
+                                          "GPUs); other formats are always decoded in the tasks"},
+    )
     actors: int = dataclasses.field(
-        default=0, metadata={"help": "backbone actors; 0 = one per GPU, or one on a CPU-only cluster"}
+        default=0, metadata={"help": "backbone actors; 0 = one per GPU, or one on a CPU-only cluster; more actors "
+                                     "than GPUs share them"}
     )
     threads_per_actor: int = dataclasses.field(
         default=0, metadata={"help": "torch threads in each CPU actor; 0 = the node's cores"}
@@ -76,6 +82,7 @@ class EmbedConfig:
             _check_style(self.backbone)
         if self.device not in ("auto", "cuda", "cpu"):
             raise ConfigError(f"device must be auto, cuda or cpu, not {self.device!r}")
+        _choose("decode", self.decode, ("auto", "tasks", "actor"))
         if self.dtype not in ("float32", "float16"):
             raise ConfigError(f"dtype must be float32 or float16, not {self.dtype!r}")
         for name in ("batch_size", "decode_batch_size", "max_pixels", "max_bytes"):

@@ -67,6 +67,11 @@ class Preprocess:
     def channels(self) -> int:
         return 3 if self.mode == "RGB" else 1
 
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The shape of one crop: (size, size, channels)."""
+        return self.size, self.size, self.channels
+
 
 @dataclasses.dataclass(frozen=True)
 class Decoded:
@@ -203,6 +208,23 @@ def decode(data: bytes, prep: Preprocess, max_pixels: int) -> Decoded:
         return Decoded(schemas.TRUNCATED, f"truncated or corrupt image data: {type(err).__name__}: {err}")
     except Exception as err:  # a decoder bug must cost one row, not the batch
         return Decoded(schemas.DECODE_ERROR, f"{type(err).__name__}: {err}")
+
+
+def jpeg_size(data: bytes, max_pixels: int) -> tuple[int, int] | None:
+    """(width, height) of a JPEG that a batched decoder (gatrep.jpeg: torchvision, nvJPEG on a GPU) can take as it
+    is, from its header alone: complete (it ends with the end-of-image marker), 8-bit RGB or grayscale, no EXIF
+    rotation, within `max_pixels`. None for anything else, which `decode` then handles with Pillow (and its
+    precise status). Never raises."""
+    if not data.startswith(b"\xff\xd8\xff") or data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+        return None
+    try:
+        image = Image.open(io.BytesIO(data))
+        plain = image.format == "JPEG" and image.mode in ("RGB", "L")
+        upright = image.getexif().get(_ORIENTATION, 1) == 1
+    except Exception:  # any header Pillow cannot read: `decode` names the problem
+        return None
+    width, height = image.size
+    return (width, height) if plain and upright and width * height <= max_pixels else None
 
 
 def _identify(data: bytes, max_pixels: int) -> Image.Image:

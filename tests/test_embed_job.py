@@ -115,6 +115,26 @@ def test_every_file_gets_one_row_and_a_rerun_reuses_them(tree, tmp_path, capsys)
     assert row["image_id"] == images.content_id((tree / "dogs/20.png").read_bytes()) and row["width"] == 30
 
 
+def test_jpegs_decoded_in_the_actor_give_the_same_rows(tree, tmp_path):
+    """--decode actor (nvJPEG on a GPU; torchvision's CPU decoder here) against Pillow in the tasks: the same
+    statuses, errors and sizes for every file, and nearly the same vectors (the crop box is rounded to whole
+    pixels)."""
+    good = (tree / "cats/l1/0.jpg").read_bytes()
+    scan = good.index(b"\xff\xda") + 4  # a damaged scan header behind an intact one: both decoders refuse it
+    (tree / "cats/l2/scan.jpg").write_bytes(good[:scan] + b"\xff" * 8 + good[scan + 8:])
+    embed.run(config(tree, tmp_path / "pillow"))
+    embed.run(config(tree, tmp_path / "actor", decode="actor"))
+    pillow, actor = read(tmp_path / "pillow")[0], read(tmp_path / "actor")[0]
+
+    columns = ["uri", "status", "error", "width", "height", "image_id"]
+    assert actor.select(columns).to_pylist() == pillow.select(columns).to_pylist()
+    assert actor["status"].to_pylist().count(schemas.TRUNCATED) == 2
+    ok = np.array(actor["status"].to_pylist()) == schemas.OK
+    cosines = (np.stack(np.array(actor["embedding"].to_pylist(), dtype=object)[ok])
+               * np.stack(np.array(pillow["embedding"].to_pylist(), dtype=object)[ok])).sum(axis=1)
+    assert cosines.min() > 0.98, cosines.min()
+
+
 def test_a_crash_leaves_the_published_stage_untouched(tree, tmp_path, monkeypatch):
     out = tmp_path / "run"
     embed.run(config(tree, out))

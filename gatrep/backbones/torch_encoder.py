@@ -29,19 +29,22 @@ class TorchEncoder:
         self.style_modules = [submodules[name] for name in style_layers]
         self.style_dim = style_dim
 
-    def _forward(self, pixels: np.ndarray) -> torch.Tensor:
+    def _forward(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Features of NHWC uint8 pixels: an array, or a tensor already decoded on the device (gatrep.jpeg)."""
+        if isinstance(pixels, np.ndarray):
+            pixels = torch.from_numpy(np.ascontiguousarray(pixels))
         # NHWC uint8 -> NCHW view in channels_last layout: no copy before the device transfer.
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
         x = x.float() * self.scale - self.shift
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             return self.module(x).float()
 
     @torch.inference_mode()
-    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+    def __call__(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
         return normalise(self._forward(pixels).cpu().numpy())
 
     @torch.inference_mode()
-    def embed(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def embed(self, pixels: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(content [N, dim], style [N, style_dim]) from one forward pass: the style layers' feature maps are
         caught by forward hooks on the way to the content features."""
         maps: dict[int, torch.Tensor] = {}
