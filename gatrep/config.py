@@ -232,6 +232,10 @@ class ModelConfig(ModelSettings):
             raise ConfigError(f"in_dim must be positive, not {self.in_dim}")
 
 
+AUTOENCODER, CLASS_NODES = "autoencoder", "class-nodes"
+OBJECTIVES = (AUTOENCODER, CLASS_NODES)  # what jobs.train --objective trains for
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig(ModelSettings):
     """The training stage: `graph` + `embeddings` -> `model` (GAT-AE on Ray Train) and `latents`."""
@@ -270,12 +274,32 @@ class TrainConfig(ModelSettings):
         default="", metadata={"help": "a model stage (URI) whose weights training starts from: --epochs more epochs "
                                       "of fine-tuning (jobs.reindex sets it); '' = random weights"},
     )
+    objective: str = dataclasses.field(
+        default=AUTOENCODER,
+        metadata={"help": "autoencoder (the paper's GAT-AE: reconstruction only) or class-nodes (label-aware "
+                          "category nodes joined to their images: InfoNCE of each image latent against them + "
+                          "--reconstruction-weight x reconstruction; needs the embeddings' category column)"},
+    )
+    temperature: float = dataclasses.field(
+        default=0.1, metadata={"help": "class-nodes: temperature of the contrastive loss (cosines are divided by it)"}
+    )
+    reconstruction_weight: float = dataclasses.field(
+        default=0.1, metadata={"help": "class-nodes: lambda, the weight of the reconstruction loss"}
+    )
+    knn_edges: bool = dataclasses.field(
+        default=False, metadata={"help": "class-nodes: keep the image k-NN edges; false (the best measured, README) "
+                                         "joins each image to its category node only"},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _choose("objective", self.objective, OBJECTIVES)
         for name in ("epochs", "batch_size", "workers", "cpus_per_worker", "inference_batch_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
+        if self.temperature <= 0 or self.reconstruction_weight < 0:
+            raise ConfigError(f"temperature must be > 0 and reconstruction_weight >= 0, not {self.temperature} "
+                              f"and {self.reconstruction_weight}")
         if not self.num_neighbors or any(n == 0 or n < -1 for n in self.num_neighbors):
             raise ConfigError(f"num_neighbors needs one value per layer, each > 0 or -1, not {self.num_neighbors}")
         if len(self.num_neighbors) != 2:
@@ -289,6 +313,12 @@ class TrainConfig(ModelSettings):
         """The ModelConfig these flags describe for features of size `in_dim`."""
         settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelSettings)}
         return ModelConfig(in_dim=in_dim, **settings)
+
+    @property
+    def image_edges(self) -> bool:
+        """Whether the model aggregates the image k-NN edges: always as an autoencoder, by --knn-edges with class
+        nodes."""
+        return self.objective != CLASS_NODES or self.knn_edges
 
 
 INDEX_SOURCES = (schemas.LATENTS, schemas.EMBEDDINGS)  # the stages an index can be built from

@@ -284,6 +284,20 @@ def represent_groups(vectors: Any, groups: Any, method: str, top_k: int = 5,
     return GroupRepresentatives(method, labels, reps, index, zscore, top, sizes, centrality, row_z)
 
 
+def nearest_members(vectors: Any, groups: Any, targets: Any) -> np.ndarray:
+    """For each group (in sorted label order, as `group_rows` gives them), the row of its member with the highest
+    cosine to `targets[g]`: the image that stands for a representative learned rather than chosen among the
+    images (a class node's embedding). O(n*d); refuses a target count other than the group count."""
+    array = as_matrix(vectors)
+    labels, members = group_rows(groups)
+    wanted = as_matrix(targets, "targets")
+    if wanted.shape != (labels.size, array.shape[1]):
+        raise ValueError(f"{labels.size} groups of {array.shape[1]}-d vectors but targets of shape {wanted.shape}")
+    unit = normalise(wanted)
+    return np.array([rows[int(np.argmax(normalise(array[rows]) @ unit[g]))] for g, rows in enumerate(members)],
+                    dtype=np.int64)
+
+
 # How a category's several representatives are chosen (`--central`): its top-m most central images, or the most
 # central image of each of m K-Means clusters inside it (a category of several looks keeps one of each).
 CENTRAL = ("top", "kmeans")

@@ -21,20 +21,23 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import posixpath
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.data import Data
 
-from gatrep import sampling
+from gatrep import io, sampling
 from gatrep.categorize import CategoryIndex, Searcher, categorize, knn_vote
 from gatrep.config import ConfigError, ModelConfig
-from gatrep.models import build_model
+from gatrep.models import ModelLoadError, build_model
 from gatrep.models.autoencoder import GraphAutoencoder
 from gatrep.vectors import PAD
 
@@ -182,24 +185,32 @@ def contrastive_loss(latents: Tensor, class_latents: Tensor, category: Tensor, t
     """InfoNCE of image latents against category-node latents: the mean over labelled rows (category != PAD) of
     -log softmax_c(cos(z_i, e_c) / temperature)[category_i]; 0 (with a gradient path) when no row is labelled."""
     labelled = category != PAD
-    if not bool(labelled.any()):
-        return latents.sum() * 0.0
+    if not bool(labelled.any()):  # zero, but every parameter keeps its gradient path (DDP waits for them all)
+        return latents.sum() * 0.0 + class_latents.sum() * 0.0
     logits = F.normalize(latents[labelled], dim=1) @ F.normalize(class_latents, dim=1).T / temperature
     return F.cross_entropy(logits, category[labelled])
 
 
-def class_node_loss(model: ClassNodeModel, batch: Data, graph: ClassGraph,
+def class_node_loss(model: nn.Module, batch: Data, graph: ClassGraph,
                     settings: ClassNodeSettings) -> tuple[Tensor, Tensor, Tensor]:
     """(total, contrastive, reconstruction) loss of one mini-batch: contrastive + lambda * reconstruction.
 
     The reconstruction term is the seed images' MSE of gatrep.models.epoch.reconstruction_loss, taken from the
-    same forward pass (an image's latent does not depend on the category nodes, so it is the same value)."""
+    same forward pass (an image's latent does not depend on the category nodes, so it is the same value).
+    `model` may be wrapped in DistributedDataParallel."""
     z, x_hat, class_z = model(batch, graph)
     seeds = batch.batch_size
-    reconstruction = F.mse_loss(x_hat, model.autoencoder.scale(batch.x[:seeds].float()))
+    module: Any = getattr(model, "module", model)
+    reconstruction = F.mse_loss(x_hat, module.autoencoder.scale(batch.x[:seeds].float()))
     category = graph.category[batch.n_id[:seeds].cpu()].to(z.device)
     contrast = contrastive_loss(z, class_z, category, settings.temperature)
     return contrast + settings.reconstruction_weight * reconstruction, contrast, reconstruction
+
+
+def batch_losses(model: nn.Module, batch: Data, graph: ClassGraph, settings: ClassNodeSettings) -> Tensor:
+    """[total, contrastive, reconstruction] of one mini-batch: the loss vector gatrep.models.epoch.train_epoch
+    takes (it minimises the first entry)."""
+    return torch.stack(class_node_loss(model, batch, graph, settings))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,6 +329,62 @@ def all_latents(model: ClassNodeModel, features: Tensor, graph: ClassGraph, batc
         h = torch.cat(outputs)
     z = torch.cat([encoder.head(h[s:s + batch_size]) for s in range(0, len(h), batch_size)])
     return z, encoder.head(c)
+
+
+# ----------------------------------------------------------------------------------------------
+# Saved category nodes
+
+
+CLASSES_FILE = "class_nodes.safetensors"  # beside the autoencoder's model.safetensors and config.json
+
+
+@dataclasses.dataclass(frozen=True)
+class CategoryNodes:
+    """A model's category nodes: category `names[c]` has the input features `features[c]` (scaled space) and,
+    once computed over all its images, the embedding `embeddings[c]` (None in a training checkpoint)."""
+
+    names: np.ndarray
+    features: np.ndarray
+    embeddings: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, model: nn.Module, names: Sequence[str] | np.ndarray,
+           embeddings: Tensor | np.ndarray | None = None) -> CategoryNodes:
+        """The category nodes of a ClassNodeModel (possibly wrapped in DistributedDataParallel)."""
+        module: Any = getattr(model, "module", model)
+        return cls(np.asarray(names, dtype=object), module.class_features.detach().cpu().numpy(),
+                   None if embeddings is None else np.asarray(embeddings, dtype=np.float32))
+
+
+def save_category_nodes(nodes: CategoryNodes, dir_uri: str) -> str:
+    """Write CLASSES_FILE into `dir_uri` (tensors "features" and "embeddings", the names in its metadata);
+    returns its URI."""
+    tensors = {"features": torch.from_numpy(np.array(nodes.features, dtype=np.float32))}  # copies: may be read-only
+    if nodes.embeddings is not None:
+        tensors["embeddings"] = torch.from_numpy(np.array(nodes.embeddings, dtype=np.float32))
+    data = safetensors.torch.save(tensors, metadata={"categories": json.dumps([str(n) for n in nodes.names])})
+    fs, path = io.url_to_fs(dir_uri)
+    fs.makedirs(path, exist_ok=True)
+    fs.pipe_file(posixpath.join(path, CLASSES_FILE), data)
+    return io.join(dir_uri, CLASSES_FILE)
+
+
+def load_category_nodes(dir_uri: str) -> CategoryNodes:
+    """The CategoryNodes saved in `dir_uri`. Raises ModelLoadError when the file is missing or unreadable."""
+    uri = io.join(dir_uri, CLASSES_FILE)
+    fs, path = io.url_to_fs(uri)
+    if not fs.exists(path):
+        raise ModelLoadError(f"{uri} does not exist: not a class-nodes model; train with --objective class-nodes")
+    data = fs.cat_file(path)
+    try:
+        tensors = safetensors.torch.load(data)
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])  # the safetensors header
+        names = json.loads(header["__metadata__"]["categories"])
+    except Exception as err:  # safetensors raises its own error types for truncated or foreign files
+        raise ModelLoadError(f"{uri}: cannot read the category nodes ({err})") from err
+    embeddings = tensors.get("embeddings")
+    return CategoryNodes(np.asarray(names, dtype=object), tensors["features"].numpy(),
+                         None if embeddings is None else embeddings.numpy())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -12,15 +12,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.data import Data
 
+# A mini-batch's loss: a scalar, or a vector whose first entry is the loss to minimise and the rest its terms.
+LossFn = Callable[[nn.Module, Data], Tensor]
+
 
 @dataclasses.dataclass(frozen=True)
 class EpochStats:
-    """Mean loss over the epoch's seed nodes, batches and seed nodes seen, and wall-clock seconds."""
+    """Mean loss over the epoch's seed nodes, batches and seed nodes seen, wall-clock seconds, and the mean of
+    each of the loss's terms (none for the reconstruction loss alone)."""
 
     loss: float
     batches: int
     seeds: int
     seconds: float
+    terms: tuple[float, ...] = ()
 
 
 def reconstruction_loss(model: nn.Module, batch: Data) -> Tensor:
@@ -36,22 +41,26 @@ def reconstruction_loss(model: nn.Module, batch: Data) -> Tensor:
 
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[Data],
-                device: torch.device | str, max_batches: int = 0) -> EpochStats:
-    """Adam (or any optimizer) steps over `batches`, stopping after `max_batches` when it is > 0."""
+                device: torch.device | str, max_batches: int = 0, loss_fn: LossFn = reconstruction_loss) -> EpochStats:
+    """Adam (or any optimizer) steps on `loss_fn` (default: the paper's reconstruction loss) over `batches`,
+    stopping after `max_batches` when it is > 0."""
     model.train()
     start = time.perf_counter()
-    total = torch.zeros((), device=device)  # summed on the device: no host sync per batch
+    total: Tensor | None = None  # summed on the device: no host sync per batch
     count = seeds = 0
     for batch in batches:
         if max_batches and count >= max_batches:
             break
         batch = batch.to(device)
         optimizer.zero_grad(set_to_none=True)
-        loss = reconstruction_loss(model, batch)
-        loss.backward()
+        losses = torch.atleast_1d(loss_fn(model, batch))
+        losses[0].backward()
         optimizer.step()
-        total += loss.detach() * batch.batch_size
+        step = losses.detach() * batch.batch_size
+        total = step if total is None else total + step
         seeds += batch.batch_size
         count += 1
-    mean = total.item() / max(seeds, 1)  # .item() waits for the device, so the time below is complete
-    return EpochStats(loss=mean, batches=count, seeds=seeds, seconds=time.perf_counter() - start)
+    # .tolist() waits for the device, so the time below is complete
+    means = [0.0] if total is None else (total / max(seeds, 1)).tolist()
+    return EpochStats(loss=means[0], batches=count, seeds=seeds, seconds=time.perf_counter() - start,
+                      terms=tuple(means[1:]))

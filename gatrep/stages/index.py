@@ -1,5 +1,6 @@
-"""The index stage: `latents` (or `embeddings`, for the baselines) -> listing/category representatives,
-listing similarity and per-category retrieval indexes; also the reader of a published index."""
+"""The index stage: `latents` (or `embeddings`, for the baselines) -> listing/category representatives (the learned
+category nodes of a class-nodes model), listing similarity and per-category retrieval indexes; also the reader of a
+published index."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import hashlib
 import pickle
 import posixpath
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +20,9 @@ from gatrep import config, io, represent, schemas, vectors
 from gatrep.categorize import CategoryIndex, CategoryPart, Searcher
 from gatrep.config import IndexConfig
 from gatrep.errors import UserError
+
+if TYPE_CHECKING:
+    from gatrep.models.classnodes import CategoryNodes
 
 NAME = schemas.INDEX
 CONFIG = IndexConfig
@@ -143,6 +147,35 @@ def discovered_listing_categories(cfg: IndexConfig, listing_vectors: np.ndarray)
     return np.asarray([f"c{label:04d}" for label in labels], dtype=object)
 
 
+def category_nodes(cfg: IndexConfig, source_manifest: dict[str, Any]) -> CategoryNodes | None:
+    """The learned category nodes of the class-nodes model (jobs.train --objective class-nodes) the latents were
+    encoded with; None for embeddings, for latents of an autoencoder or made by hand (no model recorded), and with
+    discovered categories. Refuses (io.StageError) a model republished since the latents were written."""
+    record = source_manifest.get("upstream", {}).get(schemas.MODEL)
+    if cfg.source != schemas.LATENTS or cfg.categories != "given" or not record or "stage" not in record:
+        return None
+    if io.read_manifest(io.join(cfg.run, record["stage"]), schemas.MODEL).get("objective") != config.CLASS_NODES:
+        return None
+    model_uri, model_manifest = io.upstream_stage(cfg.run, source_manifest, schemas.MODEL, schemas.MODEL)
+    from gatrep.stages.train import load_category_nodes  # torch, and only for a class-nodes model
+
+    return load_category_nodes(model_uri, model_manifest)
+
+
+def class_node_categories(source: Source, cats: Categories, nodes: CategoryNodes) -> Categories:
+    """`cats` represented by the learned category-node embeddings instead, each with its image nearest to the
+    embedding as the representative image. Refuses (io.StageError) a category the model has no node for."""
+    position = {str(name): c for c, name in enumerate(nodes.names)}
+    missing = [str(name) for name in cats.names if str(name) not in position]
+    if missing or nodes.embeddings is None:
+        raise io.StageError(f"the class-nodes model has no category node for {', '.join(missing[:5]) or 'any category'}"
+                            "; retrain it (python -m jobs.train --objective class-nodes) and rebuild the latents")
+    embeddings = nodes.embeddings[[position[str(name)] for name in cats.names]]
+    rows = represent.nearest_members(source.vectors, cats.of_image, embeddings)
+    return dataclasses.replace(cats, vectors=embeddings.astype(np.float32), listing=source.listings[rows],
+                               image_id=source.image_ids[rows])
+
+
 def assign_categories(cfg: IndexConfig, source: Source, reps: represent.GroupRepresentatives) -> Categories:
     """Categories and their representatives: given ones are represented over their images by --method;
     discovered ones by their most central listing representative (III-A2)."""
@@ -233,7 +266,8 @@ def run(cfg: IndexConfig) -> dict[str, Any]:
     with io.stage_lock(io.join(cfg.run, cfg.stage)):
         timings: dict[str, float] = {}
         source_uri = io.join(cfg.run, cfg.input_stage or cfg.source)
-        upstream = {"source": io.upstream_of(io.read_manifest(source_uri, cfg.source), source_uri)}
+        source_manifest = io.read_manifest(source_uri, cfg.source)
+        upstream = {"source": io.upstream_of(source_manifest, source_uri)}
         stage_uri = io.join(cfg.run, cfg.stage)
         existing = io.up_to_date(stage_uri, NAME, config.to_dict(cfg), upstream)
         if existing is not None:
@@ -245,6 +279,9 @@ def run(cfg: IndexConfig) -> dict[str, Any]:
                                               **degree_options(cfg))
         with io.timed(timings, "categories"):
             cats = assign_categories(cfg, source, reps)
+            nodes = category_nodes(cfg, source_manifest)
+            if nodes is not None:
+                cats = class_node_categories(source, cats, nodes)
         run_dir = io.new_run_dir(stage_uri)
         tables = {"listings": listings_table(source, reps, cats), "categories": categories_table(cfg, source, cats)}
         with io.timed(timings, "similarity"):
@@ -271,6 +308,8 @@ def run(cfg: IndexConfig) -> dict[str, Any]:
             stage_uri, NAME, list(files.values()) + pickles, config.to_dict(cfg), upstream,
             tables=relative, rows=len(source.image_ids), skipped=source.skipped, listings=len(reps.groups),
             categories=len(cats.names), ann_categories=sum(p.ann is not None for p in index.parts.values()),
+            category_representatives=("class-nodes" if nodes is not None else
+                                      cfg.method if cfg.categories == "given" else "most_central"),
             merge_suggestions=tables["merge_suggestions"].num_rows, dim=int(source.vectors.shape[1]),
             style_dim=0 if style is None else int(style.shape[1]), timings=timings)
 
@@ -278,7 +317,9 @@ def run(cfg: IndexConfig) -> dict[str, Any]:
 def summary(manifest: dict[str, Any]) -> str:
     """One line for the terminal."""
     return (f"index: {manifest['rows']} images ({manifest['skipped']} skipped), {manifest['listings']} listings, "
-            f"{manifest['categories']} categories ({manifest['ann_categories']} with an ANN index), "
+            f"{manifest['categories']} categories ({manifest['ann_categories']} with an ANN index"
+            + (", represented by their learned class nodes" if manifest.get("category_representatives") == "class-nodes"
+               else "") + "), "
             f"{manifest['merge_suggestions']} merge suggestions"
             + (f", style vectors ({manifest['style_dim']}-d)" if manifest.get("style_dim") else "")
             + (" [already published: reused]" if manifest.get("reused") else ""))

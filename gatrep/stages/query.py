@@ -26,13 +26,15 @@ DESCRIPTION = "Categorize every query under --input against <--run>/<--index>."
 @dataclasses.dataclass(frozen=True)
 class IndexSources:
     """The stages an index was built from, found by following its manifests' lineage: the embeddings
-    stage (whose backbone embeds the queries) and, for a latents index, the model and graph of its latents."""
+    stage (whose backbone embeds the queries) and, for a latents index, the model and graph of its latents, and
+    whether that model aggregates the graph's edges (not a class-nodes model trained without --knn-edges)."""
 
     index: str
     source: str  # schemas.LATENTS or schemas.EMBEDDINGS
     embeddings: str
     model: str | None = None
     graph: str | None = None
+    image_edges: bool = True
 
 
 def resolve(cfg: QueryConfig) -> IndexSources:
@@ -48,10 +50,11 @@ def resolve(cfg: QueryConfig) -> IndexSources:
     source_uri, source_manifest = io.upstream_stage(cfg.run, index_manifest, "source", source)
     if source == schemas.EMBEDDINGS:
         return IndexSources(index_uri, source, source_uri)
-    model_uri, _ = io.upstream_stage(cfg.run, source_manifest, schemas.MODEL, schemas.MODEL)
+    model_uri, model_manifest = io.upstream_stage(cfg.run, source_manifest, schemas.MODEL, schemas.MODEL)
     graph_uri, graph_manifest = io.upstream_stage(cfg.run, source_manifest, schemas.GRAPH, schemas.GRAPH)
     embeddings_uri, _ = io.upstream_stage(cfg.run, graph_manifest, schemas.EMBEDDINGS, schemas.EMBEDDINGS)
-    return IndexSources(index_uri, source, embeddings_uri, model_uri, graph_uri)
+    return IndexSources(index_uri, source, embeddings_uri, model_uri, graph_uri,
+                        image_edges=model_manifest.get("image_edges", True))
 
 
 class QueryMapper:
@@ -117,12 +120,16 @@ def _results_table(batch: pa.Table, ok: np.ndarray, columns: dict[str, list[Any]
 
 
 def graph_arrays(sources: IndexSources) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(features [N, D], neighbours [N, k], category [N], image_id [N]) of the indexed graph, node order."""
+    """(features [N, D], neighbours [N, k], category [N], image_id [N]) of the indexed graph, node order. The
+    neighbours are those the model aggregates over: all PAD for a class-nodes model trained without the image
+    k-NN edges (an inserted query then attends to the nodes it is inserted next to, the indexed images to
+    themselves, as in training)."""
     nodes, _ = read_nodes(sources.embeddings)
     graph = read_graph(str(sources.graph))
     if len(graph.node) != len(nodes) or not np.array_equal(graph.image_id, nodes.image_id):
         raise io.StageError(f"{sources.graph} was not built from {sources.embeddings}; rebuild the graph")
-    return nodes.vectors, graph.neighbours, nodes.category, nodes.image_id
+    neighbours = graph.neighbours if sources.image_edges else np.full_like(graph.neighbours, vectors.PAD)
+    return nodes.vectors, neighbours, nodes.category, nodes.image_id
 
 
 def query_embeddings(cfg: QueryConfig, sources: IndexSources) -> str:

@@ -1,9 +1,11 @@
-"""The train stage on Ray Train: `graph` + `embeddings` -> the `model` stage (GAT-AE, neighbour-sampled
-mini-batches, DDP, checkpoints) and the `latents` stage; also the reader of a published model."""
+"""The train stage on Ray Train: `graph` + `embeddings` -> the `model` stage (GAT-AE, or with `--objective
+class-nodes` the GAT-AE with label-aware category nodes; neighbour-sampled mini-batches, DDP, checkpoints) and the
+`latents` stage; also the reader of a published model."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import posixpath
@@ -23,17 +25,19 @@ import torch
 import torch.distributed as dist
 
 from gatrep import io, models, sampling, schemas, stages, vectors
-from gatrep.config import ConfigError, ModelConfig, TrainConfig, to_dict
+from gatrep.config import CLASS_NODES, ConfigError, ModelConfig, TrainConfig, to_dict
 from gatrep.errors import UserError
 from gatrep.knn import GraphInputError
-from gatrep.models.epoch import train_epoch
+from gatrep.models import classnodes
+from gatrep.models.classnodes import CategoryNodes, ClassGraph, ClassNodeModel
+from gatrep.models.epoch import LossFn, reconstruction_loss, train_epoch
 from gatrep.stages.embed import read_nodes
 from gatrep.stages.graph import read_graph
 from gatrep.vectors import PAD
 
 NAME = "train"
 CONFIG = TrainConfig
-DESCRIPTION = "Train the graph autoencoder on <--run>/graph; write model and latents."
+DESCRIPTION = "Train the graph autoencoder (or its class nodes) on <--run>/graph; write model and latents."
 LINEAGE_FILE = "_lineage.json"  # beside the checkpoints: the inputs and settings they were trained with
 RUN_NAME = "train"  # Ray Train run name inside the checkpoint storage; a rerun with the same name resumes
 METRICS_FILE = schemas.METRICS_FILE
@@ -94,6 +98,40 @@ def check_size(inputs: TrainInputs, cfg: TrainConfig) -> None:
         raise GraphInputError(f"{len(inputs.node)} graph nodes cannot be shared by {cfg.workers} workers")
 
 
+def training_neighbours(inputs: TrainInputs, cfg: TrainConfig) -> np.ndarray:
+    """The neighbour table the model aggregates over: the graph's, or all PAD (each image sees itself only) for
+    class nodes without --knn-edges."""
+    return inputs.neighbours if cfg.image_edges else np.full_like(inputs.neighbours, PAD)
+
+
+def class_graph(inputs: TrainInputs, cfg: TrainConfig) -> ClassGraph | None:
+    """The image + category-node graph of `--objective class-nodes` (None for the autoencoder): one category node per
+    distinct category of the embeddings' category column; rows without one are unlabelled image nodes.
+
+    Refuses (io.InputError) a run whose images carry no category, or only one (the contrastive loss needs another
+    category to push away from)."""
+    if cfg.objective != CLASS_NODES:
+        return None
+    where = io.join(cfg.run, schemas.EMBEDDINGS)
+    labelled = sum(c is not None for c in inputs.category)
+    if labelled == 0:
+        raise io.InputError(f"--objective class-nodes needs categories, but no image of {where} has one; give the "
+                            "input a category per image (a <root>/<category>/... tree, or a manifest's category "
+                            "column) or train with --objective autoencoder")
+    try:
+        return classnodes.build_class_graph(training_neighbours(inputs, cfg), inputs.category)
+    except ValueError as err:
+        raise io.InputError(f"--objective class-nodes on {where} ({labelled} images with a category): {err}") from err
+
+
+def class_settings(cfg: TrainConfig) -> classnodes.ClassNodeSettings:
+    """The class-node settings these flags describe."""
+    return classnodes.ClassNodeSettings(
+        temperature=cfg.temperature, reconstruction_weight=cfg.reconstruction_weight, epochs=cfg.epochs, lr=cfg.lr,
+        batch_size=cfg.batch_size, num_neighbors=cfg.num_neighbors, seed=cfg.seed,
+        inference_batch_size=cfg.inference_batch_size)
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -109,6 +147,14 @@ def checkpoint_storage(run: str) -> str:
 # Training settings a checkpoint is only valid for (with the graph and embeddings it was trained on); --epochs may
 # grow between runs (a rerun trains on from the last checkpoint), and how many workers share the work may change.
 LINEAGE_SETTINGS = ("seed", "lr", "batch_size", "num_neighbors", "init_from", "max_batches")
+CLASS_NODE_SETTINGS = ("objective", "temperature", "reconstruction_weight", "knn_edges")  # with class nodes only
+
+
+def lineage(cfg: TrainConfig, inputs: TrainInputs) -> dict[str, Any]:
+    """What the run's checkpoints are valid for: the inputs and the training settings (the autoencoder's record is
+    the one it always was, so its existing checkpoints stay valid)."""
+    names = LINEAGE_SETTINGS + (CLASS_NODE_SETTINGS if cfg.objective == CLASS_NODES else ())
+    return {"upstream": inputs.upstream, "train": {k: getattr(cfg, k) for k in names}}
 
 
 def check_checkpoints(storage: str, model_cfg: ModelConfig, resume: bool, lineage: dict[str, Any]) -> int:
@@ -143,9 +189,12 @@ def check_checkpoints(storage: str, model_cfg: ModelConfig, resume: bool, lineag
     return int(document.get("epoch", 0))
 
 
-def _save_checkpoint(directory: str, model: torch.nn.Module, model_cfg: ModelConfig,
+def _save_checkpoint(directory: str, model: torch.nn.Module, model_cfg: ModelConfig, graph: ClassGraph | None,
                      optimizer: torch.optim.Optimizer, epoch: int, history: list[dict[str, Any]]) -> None:
-    models.save_model(model, model_cfg, directory, extra={"epoch": epoch})
+    module = getattr(model, "module", model)
+    models.save_model(getattr(module, "autoencoder", module), model_cfg, directory, extra={"epoch": epoch})
+    if graph is not None:
+        classnodes.save_category_nodes(CategoryNodes.of(module, graph.names), directory)
     torch.save(optimizer.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
     with open(os.path.join(directory, METRICS_FILE), "w") as f:
         f.writelines(json.dumps(record) + "\n" for record in history)
@@ -153,14 +202,17 @@ def _save_checkpoint(directory: str, model: torch.nn.Module, model_cfg: ModelCon
 
 def _restore(checkpoint: ray.train.Checkpoint | None, model: torch.nn.Module,
              model_cfg: ModelConfig) -> tuple[int, list[dict[str, Any]], dict[str, Any] | None]:
-    """(epochs done, metrics so far, optimizer state) from a checkpoint, weights loaded into `model`."""
+    """(epochs done, metrics so far, optimizer state) from a checkpoint, weights (and a ClassNodeModel's category
+    features) loaded into `model`."""
     if checkpoint is None:
         return 0, [], None
     with checkpoint.as_directory() as directory:
         loaded, saved_cfg = models.load_model(directory)
         if saved_cfg != model_cfg:
             raise CheckpointMismatch(f"{directory}: checkpoint of {saved_cfg}, not of {model_cfg}")
-        model.load_state_dict(loaded.state_dict())
+        getattr(model, "autoencoder", model).load_state_dict(loaded.state_dict())
+        if isinstance(model, ClassNodeModel):
+            model.class_features.data.copy_(torch.from_numpy(classnodes.load_category_nodes(directory).features))
         with open(os.path.join(directory, models.CONFIG_FILE)) as f:
             epoch = json.load(f)["epoch"]
         optimizer_state = torch.load(os.path.join(directory, OPTIMIZER_FILE), weights_only=True)
@@ -198,6 +250,38 @@ def _mean_loss(stats_loss: float, seeds: int, device: torch.device) -> float:
     return float(totals[0] / totals[1].clamp(min=1))
 
 
+def _worker_graph(loop: dict[str, Any], neighbours: torch.Tensor) -> ClassGraph | None:
+    """The class-node graph over the shared neighbour table (None for the autoencoder)."""
+    if loop["category"] is None:
+        return None
+    return ClassGraph(neighbours, _shared_tensor(ray.get(loop["category"])), np.asarray(loop["names"], dtype=object))
+
+
+def _new_model(loop: dict[str, Any], features: torch.Tensor, graph: ClassGraph | None,
+               checkpoint: ray.train.Checkpoint | None) -> torch.nn.Module:
+    """The worker's model before restoring a checkpoint: seeded, scaling fitted, the --init-from weights loaded,
+    and for class nodes the category features at the mean of their images."""
+    torch.manual_seed(loop["train"].seed)
+    model = models.build_model(loop["model"])
+    if loop["model"].standardise:  # every worker computes the same statistics from the same shared features
+        model.fit_scaling(features)
+    if checkpoint is None and loop["init"] is not None:
+        model.load_state_dict(safetensors.torch.load(loop["init"]))  # fine-tuning: the earlier model's weights
+    if graph is None:
+        return model
+    return ClassNodeModel(model, classnodes.mean_features(model, features, graph))
+
+
+def _loss_fn(cfg: TrainConfig, graph: ClassGraph | None) -> LossFn:
+    """The mini-batch loss: reconstruction, or for class nodes [total, contrastive, reconstruction]."""
+    if graph is None:
+        return reconstruction_loss
+    return functools.partial(classnodes.batch_losses, graph=graph, settings=class_settings(cfg))
+
+
+TERMS = ("contrastive", "reconstruction")  # the terms of the class-node loss, as metrics.jsonl names them
+
+
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
     """Ray Train worker: restore, then per epoch sample this worker's share and step; report and checkpoint
     every `checkpoint_every_s` seconds and after the last epoch."""
@@ -208,26 +292,24 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     features = _shared_tensor(ray.get(loop["features"]))
     neighbours = _shared_tensor(ray.get(loop["neighbours"]))
-    torch.manual_seed(cfg.seed)
-    model = models.build_model(model_cfg)
-    if model_cfg.standardise:  # every worker computes the same statistics from the same shared features
-        model.fit_scaling(features)
+    graph = _worker_graph(loop, neighbours)
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and loop["init"] is not None:
-        model.load_state_dict(safetensors.torch.load(loop["init"]))  # fine-tuning: the earlier model's weights
+    model = _new_model(loop, features, graph, checkpoint)
     start, history, optimizer_state = _restore(checkpoint, model, model_cfg)
     ddp_model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     optimizer = torch.optim.Adam(ddp_model.parameters(), lr=cfg.lr)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
+    terms = () if graph is None else TERMS
     last_checkpoint = time.monotonic()
     for epoch in range(start, cfg.epochs):
         seeds = seed_shard(len(features), epoch, cfg.seed, rank, world)
         loader = sampling.make_loader(features, neighbours, seeds, cfg.num_neighbors, cfg.batch_size,
                                       seed=(cfg.seed * 1_000_003 + epoch) * world + rank)
-        stats = train_epoch(ddp_model, optimizer, loader, device, cfg.max_batches)
+        stats = train_epoch(ddp_model, optimizer, loader, device, cfg.max_batches, _loss_fn(cfg, graph))
         record = {"epoch": epoch + 1, "loss": _mean_loss(stats.loss, stats.seeds, device),
+                  **{name: _mean_loss(t, stats.seeds, device) for name, t in zip(terms, stats.terms, strict=True)},
                   "seconds": round(stats.seconds, 3), "batches_per_worker": stats.batches,
                   "seeds": stats.seeds * world, "resumed": epoch == start and start > 0}
         history.append(record)
@@ -237,7 +319,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         _maybe_fail(loop.get("fail_once"), epoch + 1, rank)
         due = epoch + 1 == cfg.epochs or time.monotonic() - last_checkpoint >= cfg.checkpoint_every_s
         if _agree(due, device):
-            _checkpoint(record, history, ddp_model, model_cfg, optimizer, rank)
+            _checkpoint(record, history, ddp_model, model_cfg, graph, optimizer, rank)
             last_checkpoint = time.monotonic()
 
 
@@ -258,14 +340,16 @@ def _agree(due: bool, device: torch.device) -> bool:
 
 
 def _checkpoint(record: dict[str, Any], history: list[dict[str, Any]], model: torch.nn.Module,
-                model_cfg: ModelConfig, optimizer: torch.optim.Optimizer, rank: int) -> None:
-    """Report `record`; rank 0 saves the checkpoint (weights, optimizer, the history so far) with it."""
+                model_cfg: ModelConfig, graph: ClassGraph | None, optimizer: torch.optim.Optimizer,
+                rank: int) -> None:
+    """Report `record`; rank 0 saves the checkpoint (weights, category nodes, optimizer, the history so far)
+    with it."""
     name = f"checkpoint_epoch_{record['epoch']:06d}"
     if rank != 0:
         ray.train.report(record, checkpoint_dir_name=name)
         return
     with tempfile.TemporaryDirectory() as directory:
-        _save_checkpoint(directory, model, model_cfg, optimizer, record["epoch"], history)
+        _save_checkpoint(directory, model, model_cfg, graph, optimizer, record["epoch"], history)
         ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(directory),
                          checkpoint_dir_name=name)
 
@@ -289,15 +373,22 @@ def _maybe_fail(fail_once: dict[str, Any] | None, epoch: int, rank: int) -> None
 
 @dataclasses.dataclass(frozen=True)
 class Shared:
-    """Object-store references to the features and the neighbour table, put there once per run."""
+    """Object-store references to the features and the neighbour table the model aggregates over, put there once
+    per run; for class nodes also each image's category node (PAD: unlabelled) and the categories' names."""
 
     features: ray.ObjectRef
     neighbours: ray.ObjectRef
+    category: ray.ObjectRef | None = None
+    names: tuple[str, ...] = ()
 
 
-def share(inputs: TrainInputs) -> Shared:
-    """Put features and neighbours in the object store (workers on a node then map one shared copy)."""
-    return Shared(ray.put(inputs.features), ray.put(inputs.neighbours))
+def share(inputs: TrainInputs, cfg: TrainConfig, graph: ClassGraph | None) -> Shared:
+    """Put features and neighbours (and category nodes) in the object store (workers on a node then map one
+    shared copy)."""
+    shared = Shared(ray.put(inputs.features), ray.put(training_neighbours(inputs, cfg)))
+    if graph is None:
+        return shared
+    return dataclasses.replace(shared, category=ray.put(graph.category.numpy()), names=tuple(graph.names))
 
 
 def fit(cfg: TrainConfig, shared: Shared, model_cfg: ModelConfig, storage: str,
@@ -311,7 +402,8 @@ def fit(cfg: TrainConfig, shared: Shared, model_cfg: ModelConfig, storage: str,
     from ray.train.torch import TorchTrainer
 
     loop = {"train": cfg, "model": model_cfg, "fail_once": fail_once, "init": init,
-            "features": shared.features, "neighbours": shared.neighbours}
+            "features": shared.features, "neighbours": shared.neighbours, "category": shared.category,
+            "names": shared.names}
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})}
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop,
@@ -337,23 +429,32 @@ def initial_weights(cfg: TrainConfig, model_cfg: ModelConfig) -> bytes | None:
 
 
 def _latents_task(weights: bytes, model: dict[str, Any], features: np.ndarray, neighbours: np.ndarray,
-                  batch_size: int, threads: int) -> np.ndarray:
+                  batch_size: int, threads: int, nodes: CategoryNodes | None,
+                  category: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
     torch.set_num_threads(threads)
     net = models.build_model(models.model_config_from_dict(model))
     net.load_state_dict(safetensors.torch.load(weights))
+    if nodes is not None and category is not None:  # image latents and category embeddings in one pass, on the CPU
+        graph = ClassGraph(_shared_tensor(neighbours), _shared_tensor(category), nodes.names)
+        z, embeddings = classnodes.all_latents(ClassNodeModel(net, torch.from_numpy(nodes.features)),
+                                               _shared_tensor(features), graph, batch_size)
+        return z.numpy(), embeddings.numpy()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     latents = models.context_aware_latents(net.to(device), _shared_tensor(features), _shared_tensor(neighbours),
                                            batch_size, device)
-    return latents.numpy()
+    return latents.numpy(), None
 
 
-def compute_latents(cfg: TrainConfig, model: torch.nn.Module, model_cfg: ModelConfig, shared: Shared) -> np.ndarray:
-    """Context-aware latents of every node, layer by layer in batches, in a Ray task with one worker's resources."""
+def compute_latents(cfg: TrainConfig, model: torch.nn.Module, model_cfg: ModelConfig, shared: Shared,
+                    nodes: CategoryNodes | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(context-aware latents of every node, the category nodes' embeddings or None), layer by layer in batches,
+    in a Ray task with one worker's resources."""
     weights = safetensors.torch.save({k: v.contiguous() for k, v in model.state_dict().items()})
     task = ray.remote(_latents_task).options(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)
     ref = task.remote(weights, to_dict(model_cfg), shared.features, shared.neighbours,
-                      cfg.inference_batch_size, cfg.threads_per_worker or cfg.cpus_per_worker)
-    return np.asarray(ray.get(ref))
+                      cfg.inference_batch_size, cfg.threads_per_worker or cfg.cpus_per_worker, nodes, shared.category)
+    latents, embeddings = ray.get(ref)
+    return np.asarray(latents), embeddings
 
 
 def run(cfg: TrainConfig, fail_once: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -368,39 +469,48 @@ def run(cfg: TrainConfig, fail_once: dict[str, Any] | None = None) -> dict[str, 
         if published is not None:
             return published
         check_size(inputs, cfg)
+        graph = class_graph(inputs, cfg)
         model_cfg = cfg.model_config(inputs.features.shape[1])
         storage = checkpoint_storage(cfg.run)
-        lineage = {"upstream": inputs.upstream, "train": {k: getattr(cfg, k) for k in LINEAGE_SETTINGS}}
-        resumed_from = check_checkpoints(storage, model_cfg, cfg.resume, lineage)
+        resumed_from = check_checkpoints(storage, model_cfg, cfg.resume, lineage(cfg, inputs))
         init = initial_weights(cfg, model_cfg)
         stages.init_ray()
-        shared = share(inputs)
+        shared = share(inputs, cfg, graph)
         with io.timed(timings, "train"):
             result = fit(cfg, shared, model_cfg, storage, fail_once, init)
         if result.checkpoint is None:
             raise RuntimeError(f"training in {storage} reported no checkpoint; see the Ray Train log above")
         with result.checkpoint.as_directory() as directory:
             model, _ = models.load_model(directory)
+            nodes = None if graph is None else classnodes.load_category_nodes(directory)
             with open(os.path.join(directory, METRICS_FILE)) as f:
                 metrics = f.read()
         with io.timed(timings, "latents"):
-            latents = compute_latents(cfg, model, model_cfg, shared)
-        model_manifest = _publish_model(cfg, model, model_cfg, metrics, inputs, resumed_from, timings)
+            latents, embeddings = compute_latents(cfg, model, model_cfg, shared, nodes)
+        if nodes is not None:
+            nodes = dataclasses.replace(nodes, embeddings=embeddings)
+        model_manifest = _publish_model(cfg, (model, model_cfg, nodes), metrics, inputs, resumed_from, timings)
         return {schemas.MODEL: model_manifest, schemas.LATENTS: _publish_latents(cfg, inputs, latents, model_manifest)}
 
 
-def _publish_model(cfg: TrainConfig, model: torch.nn.Module, model_cfg: ModelConfig, metrics: str,
-                   inputs: TrainInputs, resumed_from: int, timings: dict[str, float]) -> dict[str, Any]:
+def _publish_model(cfg: TrainConfig, trained: tuple[torch.nn.Module, ModelConfig, CategoryNodes | None],
+                   metrics: str, inputs: TrainInputs, resumed_from: int, timings: dict[str, float]) -> dict[str, Any]:
+    """Publish the autoencoder (and the category nodes with their embeddings, for class nodes) with its metrics."""
+    model, model_cfg, nodes = trained
     stage = io.join(cfg.run, schemas.MODEL)
     run_dir = io.new_run_dir(stage)
     history = [json.loads(line) for line in metrics.splitlines() if line.strip()]
-    files = models.save_model(model, model_cfg, run_dir, extra={"epoch": history[-1]["epoch"], "train": to_dict(cfg)})
+    files = models.save_model(model, model_cfg, run_dir, extra={"epoch": history[-1]["epoch"], "train": to_dict(cfg),
+                                                               "objective": cfg.objective})
+    if nodes is not None:
+        files.append(classnodes.save_category_nodes(nodes, run_dir))
     fs, path = io.url_to_fs(run_dir)
     fs.pipe_file(posixpath.join(path, METRICS_FILE), metrics.encode())
     return io.publish(stage, schemas.MODEL, [*files, io.join(run_dir, METRICS_FILE)], config=to_dict(cfg),
                       upstream=inputs.upstream, rows=len(inputs.node), model=to_dict(model_cfg),
                       epochs=history[-1]["epoch"], final_loss=history[-1]["loss"], resumed_from_epoch=resumed_from,
-                      timings=timings)
+                      timings=timings, objective=cfg.objective, image_edges=cfg.image_edges,
+                      category_nodes=0 if nodes is None else len(nodes.names))
 
 
 def _publish_latents(cfg: TrainConfig, inputs: TrainInputs, latents: np.ndarray,
@@ -436,20 +546,37 @@ def up_to_date(cfg: TrainConfig, inputs: TrainInputs) -> dict[str, Any] | None:
     return None if latents is None else {schemas.MODEL: {**model, "reused": True}, schemas.LATENTS: latents}
 
 
-def load_model_stage(stage_uri: str) -> tuple[models.GraphAutoencoder, ModelConfig]:
-    """The model a published model stage holds (its manifest says which run directory)."""
-    manifest = io.read_manifest(stage_uri, schemas.MODEL)
+def _model_dir(stage_uri: str, manifest: dict[str, Any]) -> str:
+    """The run directory of a published model stage (the one its manifest lists the weights in)."""
     weights = [f for f in manifest["files"] if posixpath.basename(f) == schemas.WEIGHTS_FILE]
     if not weights:
         raise models.ModelLoadError(f"{stage_uri}: the model manifest lists no {schemas.WEIGHTS_FILE}")
-    return models.load_model(io.join(stage_uri, posixpath.dirname(weights[0])))
+    return io.join(stage_uri, posixpath.dirname(weights[0]))
+
+
+def load_model_stage(stage_uri: str) -> tuple[models.GraphAutoencoder, ModelConfig]:
+    """The model a published model stage holds (for class nodes: its autoencoder, which gives image and query
+    latents)."""
+    return models.load_model(_model_dir(stage_uri, io.read_manifest(stage_uri, schemas.MODEL)))
+
+
+def load_category_nodes(stage_uri: str, manifest: dict[str, Any] | None = None) -> CategoryNodes | None:
+    """The names and learned embeddings of a published class-nodes model's categories; None for an autoencoder.
+    `manifest` (the stage's, when the caller has read it already) saves reading it again."""
+    manifest = manifest or io.read_manifest(stage_uri, schemas.MODEL)
+    if manifest.get("objective") != CLASS_NODES:
+        return None
+    return classnodes.load_category_nodes(_model_dir(stage_uri, manifest))
 
 
 def summary(manifests: dict[str, Any]) -> str:
     """A few lines for the console: nodes, epochs, final loss, where the model and latents are."""
     model, latents = manifests[schemas.MODEL], manifests[schemas.LATENTS]
     return "\n".join([
-        f"model: {model['model']['encoder']} autoencoder, {model['rows']} nodes, {model['epochs']} epochs, "
+        f"model: {model['model']['encoder']} autoencoder"
+        + (f" with {model['category_nodes']} category nodes (class-nodes"
+           + ("" if model["image_edges"] else ", no image k-NN edges") + ")" if model.get("category_nodes") else "")
+        + f", {model['rows']} nodes, {model['epochs']} epochs, "
         f"final loss {model['final_loss']:.6f}"
         + (f" (resumed from epoch {model['resumed_from_epoch']})" if model["resumed_from_epoch"] else "")
         + (f", fine-tuned from {model['config']['init_from']}" if model["config"].get("init_from") else "")
