@@ -61,9 +61,10 @@ def prepare_batch(batch: dict[str, np.ndarray], *, backbone: str, max_pixels: in
             payloads.append(data)
         else:
             decoded = refused or images.decode(data or b"", prep, max_pixels)
-            pixels = decoded.pixels if decoded.pixels is not None else np.zeros(prep.shape, np.uint8)
-            crops.append(pixels)
-            payloads.append(pixels.tobytes() if decoded.pixels is not None else b"")
+            if jpegs_to_actor:
+                payloads.append(b"" if decoded.pixels is None else decoded.pixels.tobytes())
+            else:
+                crops.append(np.zeros(prep.shape, np.uint8) if decoded.pixels is None else decoded.pixels)
         jpeg.append(size is not None)
         for name, value in ((schemas.IMAGE_ID, image_id), (schemas.URI, uri), (schemas.LISTING, listing),
                             (schemas.CATEGORY, category), (schemas.WIDTH, decoded.width),
@@ -118,7 +119,6 @@ class Embedder:
             columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1],
                                                               mask=pa.array(~ok))
         return pa.table(columns, schema=self.schema)
-
 
     def _embed(self, batch: dict[str, np.ndarray], ok: np.ndarray, features: np.ndarray, style: np.ndarray) -> None:
         """Fill the ok rows of `features` (and `style`); `ok` loses the rows that fail to decode here. On a GPU,
