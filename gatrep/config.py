@@ -232,8 +232,9 @@ class ModelConfig(ModelSettings):
             raise ConfigError(f"in_dim must be positive, not {self.in_dim}")
 
 
-AUTOENCODER, CLASS_NODES = "autoencoder", "class-nodes"
-OBJECTIVES = (AUTOENCODER, CLASS_NODES)  # what jobs.train --objective trains for
+AUTOENCODER, CLASS_NODES, GRAD_NET = "autoencoder", "class-nodes", "grad-net"
+OBJECTIVES = (AUTOENCODER, CLASS_NODES, GRAD_NET)  # what jobs.train --objective trains for
+DIFFUSION_OUTPUTS = ("concat", "last")  # gatrep.models.diffusion.OUTPUTS (that module imports torch)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -276,9 +277,12 @@ class TrainConfig(ModelSettings):
     )
     objective: str = dataclasses.field(
         default=AUTOENCODER,
-        metadata={"help": "autoencoder (the paper's GAT-AE: reconstruction only) or class-nodes (label-aware "
+        metadata={"help": "autoencoder (the paper's GAT-AE: reconstruction only), class-nodes (label-aware "
                           "category nodes joined to their images: InfoNCE of each image latent against them + "
-                          "--reconstruction-weight x reconstruction; needs the embeddings' category column)"},
+                          "--reconstruction-weight x reconstruction; needs the embeddings' category column) or "
+                          "grad-net (GRAD-Net graph diffusion, unsupervised: the best measured for retrieval over the "
+                          "whole index; an epoch is N sextets, the benchmark trained 10; uses --lr, --epochs, --seed, "
+                          "--max-batches and the grad-net flags, its other settings are DiffusionConfig's)"},
     )
     temperature: float = dataclasses.field(
         default=0.1, metadata={"help": "class-nodes: temperature of the contrastive loss (cosines are divided by it)"}
@@ -289,6 +293,17 @@ class TrainConfig(ModelSettings):
     knn_edges: bool = dataclasses.field(
         default=False, metadata={"help": "class-nodes: keep the image k-NN edges; false (the best measured, README) "
                                          "joins each image to its category node only"},
+    )
+    anchors: int = dataclasses.field(
+        default=32, metadata={"help": "grad-net: k-means anchors each image is sparse-coded over (the bi-part graph)"}
+    )
+    sextets: int = dataclasses.field(default=64, metadata={"help": "grad-net: sextets per mini-batch and worker"})
+    reduce: int = dataclasses.field(
+        default=128, metadata={"help": "grad-net: principal components of the embeddings the network reads (0 = all)"}
+    )
+    diffusion_output: str = dataclasses.field(
+        default="concat", metadata={"help": "grad-net: the latent: concat (the input and every layer's output, each "
+                                            "unit length; the benchmark's) or last (the last layer's)"},
     )
 
     def __post_init__(self) -> None:
@@ -308,6 +323,29 @@ class TrainConfig(ModelSettings):
             raise ConfigError("lr must be positive; gpus_per_worker, threads_per_worker and max_batches >= 0")
         if self.checkpoint_every_s < 0:
             raise ConfigError(f"checkpoint_every_s must be >= 0, not {self.checkpoint_every_s}")
+        if self.objective == GRAD_NET:
+            self._check_grad_net()
+
+    def _check_grad_net(self) -> None:
+        _choose("diffusion_output", self.diffusion_output, DIFFUSION_OUTPUTS)
+        if self.init_from:
+            raise ConfigError("--init-from fine-tunes a graph autoencoder; --objective grad-net trains from scratch")
+        if self.sextets <= 0 or self.reduce < 0:
+            raise ConfigError(f"sextets must be positive and reduce >= 0, not {self.sextets} and {self.reduce}")
+        try:
+            self.diffusion_config(1)
+        except ValueError as err:  # e.g. fewer anchors than each image is coded over
+            raise ConfigError(f"--objective grad-net: {err}") from err
+
+    def diffusion_config(self, k: int) -> Any:
+        """The gatrep.models.diffusion.DiffusionConfig these flags describe over a k-NN graph of `k` neighbours:
+        its defaults (the benchmark's), with --anchors, --sextets, --reduce, --diffusion-output, --lr, --epochs and
+        --seed, and QFE twice (the benchmark's best)."""
+        from gatrep.models.diffusion import DiffusionConfig
+
+        return DiffusionConfig(k=k, anchors=self.anchors, sextets=self.sextets, reduce=self.reduce,
+                               output=self.diffusion_output, lr=self.lr, epochs=self.epochs, seed=self.seed,
+                               qfe_rounds=2)
 
     def model_config(self, in_dim: int) -> ModelConfig:
         """The ModelConfig these flags describe for features of size `in_dim`."""

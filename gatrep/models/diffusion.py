@@ -14,19 +14,22 @@ its similarity. Edges point neighbour -> node, as in gatrep.sampling.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import posixpath
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn import SimpleConv
 from torch_geometric.utils import to_torch_csr_tensor
 
-from gatrep import sampling
+from gatrep import io, sampling, schemas
 from gatrep.vectors import PAD, exact_topk, normalise
 
 CODINGS = ("lae", "soft")
@@ -86,8 +89,8 @@ def mutual_knn(neighbours: Any, similarities: Any) -> tuple[Tensor, Tensor]:
     clamped at 0 (the transition S needs non-negative weights). Cost O(E log E) for E table slots: membership of
     each reversed edge is a sorted search, with no N x N matrix.
     """
-    table = torch.as_tensor(np.asarray(neighbours), dtype=torch.long)
-    sims = torch.as_tensor(np.asarray(similarities), dtype=torch.float32)
+    table = torch.tensor(np.asarray(neighbours), dtype=torch.long)  # copies: the arrays may be read-only
+    sims = torch.tensor(np.asarray(similarities), dtype=torch.float32)
     n, k = table.shape
     rows = torch.arange(n).unsqueeze(1).expand_as(table)
     valid = table != PAD
@@ -351,21 +354,34 @@ def build_graph(x: Any, neighbours: Any, similarities: Any, anchors: Any, cfg: D
     return Graph(diffusion_inputs(x, codes, cfg.code_weight), table, affinities, transition(table, affinities))
 
 
-def train_step(net: DiffusionNet, graph: Graph, optimizer: torch.optim.Optimizer, cfg: DiffusionConfig,
-               generator: torch.Generator) -> float:
-    """One Adam step on a batch of cfg.sextets sextets; returns the loss (with the L2 term)."""
+def batch_loss(net: nn.Module, graph: Graph, cfg: DiffusionConfig, generator: torch.Generator,
+               device: torch.device | str = "cpu") -> Tensor:
+    """The loss (with the L2 term) of one batch of cfg.sextets sextets drawn by `generator`, computed over their
+    BFS subgraph on `device`. `net` may be a DiffusionNet or one wrapped by DDP (the gradients are then averaged)."""
+    module: Any = getattr(net, "module", net)
     sextets = sample_sextets(graph.table, cfg.sextets, generator)
     seeds, local = torch.unique(sextets[:, :6], return_inverse=True)
-    nodes, adj = graph.subgraph(seeds, net.hops, cfg.fanout, generator)
-    h = net(graph.inputs[nodes], adj)[local]  # seeds keep local ids 0..len(seeds)-1
-    a_ij = graph.affinities[sextets[:, 0], sextets[:, 6]]
-    a_kl = graph.affinities[sextets[:, 2], sextets[:, 7]]
+    nodes, adj = graph.subgraph(seeds, module.hops, cfg.fanout, generator)
+    h = net(graph.inputs[nodes].to(device), adj.to(device))[local.to(device)]  # seeds keep local ids 0..len-1
+    a_ij = graph.affinities[sextets[:, 0], sextets[:, 6]].to(device)
+    a_kl = graph.affinities[sextets[:, 2], sextets[:, 7]].to(device)
     loss = sextet_loss(h, a_ij, a_kl, cfg.alpha)
-    loss = loss + cfg.weight_decay * sum(p.square().sum() for p in net.parameters())
+    return loss + cfg.weight_decay * sum(p.square().sum() for p in net.parameters())
+
+
+def train_step(net: nn.Module, graph: Graph, optimizer: torch.optim.Optimizer, cfg: DiffusionConfig,
+               generator: torch.Generator, device: torch.device | str = "cpu") -> float:
+    """One Adam step on a batch of cfg.sextets sextets; returns the loss (with the L2 term)."""
+    loss = batch_loss(net, graph, cfg, generator, device)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return float(loss.detach())
+
+
+def steps_per_epoch(n: int, sextets: int, workers: int = 1) -> int:
+    """Steps of each of `workers` that together draw about N sextets, an epoch (section 3.7); at least 1."""
+    return max(1, math.ceil(n / (sextets * workers)))
 
 
 def train(graph: Graph, cfg: DiffusionConfig, log: Callable[[int, float], None] | None = None) -> tuple[
@@ -375,7 +391,7 @@ def train(graph: Graph, cfg: DiffusionConfig, log: Callable[[int, float], None] 
     generator = torch.Generator().manual_seed(cfg.seed)
     net = build_net(graph.inputs.shape[1], cfg)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    steps = max(1, math.ceil(len(graph.inputs) / cfg.sextets))
+    steps = steps_per_epoch(len(graph.inputs), cfg.sextets)
     losses = []
     net.train()
     for epoch in range(cfg.epochs):
@@ -433,9 +449,131 @@ def _expand(unit_queries: np.ndarray, unit_index: np.ndarray, features: np.ndarr
 
 def principal_components(x: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
     """The first `count` principal components of the rows of x [N, count] (sklearn's randomized PCA)."""
+    return fit_projection(x, count, seed).apply(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Projection:
+    """A fitted PCA: rows x map to (x - mean) @ components.T (sklearn's PCA.transform, kept as two arrays)."""
+
+    mean: np.ndarray  # [d]
+    components: np.ndarray  # [count, d]
+
+    def apply(self, x: Any) -> np.ndarray:
+        """The projected rows [N, count] of x [N, d]."""
+        return np.asarray((np.asarray(x, dtype=np.float32) - self.mean) @ self.components.T, dtype=np.float32)
+
+
+def fit_projection(x: np.ndarray, count: int, seed: int = 0) -> Projection:
+    """The first `count` principal directions of the rows of x (sklearn's randomized PCA, seeded)."""
     from sklearn.decomposition import PCA
 
-    return np.asarray(PCA(count, svd_solver="randomized", random_state=seed).fit_transform(x), dtype=np.float32)
+    pca = PCA(count, svd_solver="randomized", random_state=seed).fit(x)
+    return Projection(np.asarray(pca.mean_, dtype=np.float32), np.asarray(pca.components_, dtype=np.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class Fitted:
+    """What GRAD-Net fits before training and keeps with its weights: the PCA (None when cfg.reduce keeps every
+    dimension) and the k-means anchors U [B, reduce or d]."""
+
+    projection: Projection | None
+    anchors: np.ndarray
+
+    def inputs(self, x: Any) -> np.ndarray:
+        """The rows the anchors and the network see: unit x, projected when there is a PCA."""
+        raw = normalise(x)
+        return raw if self.projection is None else self.projection.apply(raw)
+
+
+def fit_inputs(x: Any, cfg: DiffusionConfig) -> Fitted:
+    """The PCA of the unit rows of x (when 0 < cfg.reduce < d) and the anchors fitted on the projected rows."""
+    raw = normalise(x)
+    projection = fit_projection(raw, cfg.reduce, cfg.seed) if 0 < cfg.reduce < raw.shape[1] else None
+    inputs = raw if projection is None else projection.apply(raw)
+    return Fitted(projection, fit_anchors(inputs, cfg.anchors, cfg.anchor_sample, cfg.seed))
+
+
+def prepare(x: Any, neighbours: Any, similarities: Any, cfg: DiffusionConfig,
+            fitted: Fitted | None = None) -> tuple[Fitted, Graph]:
+    """(the PCA and anchors, the Graph) of images x [N, d] and their k-NN table; `fitted` (e.g. from a checkpoint)
+    is used instead of fitting them again."""
+    fitted = fitted or fit_inputs(x, cfg)
+    return fitted, build_graph(fitted.inputs(x), neighbours, similarities, fitted.anchors, cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Saved models: weights, config, PCA and anchors in one directory
+
+
+FORMAT = "gatrep.grad_net/1"
+
+
+@dataclasses.dataclass
+class GradNet:
+    """A saved GRAD-Net: its config, network (eval mode, CPU), PCA and anchors, and the rest of config.json."""
+
+    config: DiffusionConfig
+    net: DiffusionNet
+    fitted: Fitted
+    document: dict[str, Any]
+
+
+def config_from_dict(values: dict[str, Any]) -> DiffusionConfig:
+    """DiffusionConfig from its JSON form (lists back to tuples)."""
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return DiffusionConfig(**fields)
+
+
+def save_grad_net(dir_uri: str, net: nn.Module, cfg: DiffusionConfig, fitted: Fitted,
+                  extra: dict[str, Any] | None = None) -> list[str]:
+    """Write model.safetensors (the weights as "net.*", "anchors", and "pca.mean", "pca.components" when there is
+    a PCA) and config.json (format, the DiffusionConfig as "model", the network's input width, `extra`) into
+    `dir_uri`; returns their URIs. A DDP-wrapped net is unwrapped; tensors are copied to the CPU."""
+    module: Any = getattr(net, "module", net)
+    tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    tensors["anchors"] = torch.tensor(np.asarray(fitted.anchors, dtype=np.float32))
+    if fitted.projection is not None:
+        tensors["pca.mean"] = torch.tensor(fitted.projection.mean)
+        tensors["pca.components"] = torch.tensor(fitted.projection.components)
+    in_dim = module.layers[0].first.in_features
+    document = {"format": FORMAT, "model": dataclasses.asdict(cfg), "in_dim": in_dim, **(extra or {})}
+    fs, path = io.url_to_fs(dir_uri)
+    fs.makedirs(path, exist_ok=True)
+    fs.pipe_file(posixpath.join(path, schemas.WEIGHTS_FILE), safetensors.torch.save(tensors))
+    fs.pipe_file(posixpath.join(path, schemas.CONFIG_FILE), json.dumps(document, indent=2, sort_keys=True).encode())
+    return [io.join(dir_uri, schemas.WEIGHTS_FILE), io.join(dir_uri, schemas.CONFIG_FILE)]
+
+
+def load_grad_net(dir_uri: str) -> GradNet:
+    """The GradNet saved in `dir_uri` by save_grad_net. Raises ModelLoadError when a file is missing or unreadable,
+    is not a GRAD-Net, or its weights do not fit its config."""
+    from gatrep.models import ModelLoadError, check_weights
+
+    weights_uri, config_uri = io.join(dir_uri, schemas.WEIGHTS_FILE), io.join(dir_uri, schemas.CONFIG_FILE)
+    fs, _ = io.url_to_fs(dir_uri)
+    try:
+        document = json.loads(fs.cat_file(io.url_to_fs(config_uri)[1]))
+        if document.get("format") != FORMAT:
+            raise ValueError(f"format {document.get('format')!r}, not {FORMAT!r}")
+        cfg = config_from_dict(document["model"])
+        tensors = safetensors.torch.load(fs.cat_file(io.url_to_fs(weights_uri)[1]))
+    except FileNotFoundError as err:
+        raise ModelLoadError(f"{dir_uri}: {err}; train one first (python -m jobs.train --objective grad-net)") from err
+    except Exception as err:  # JSON, safetensors and config errors alike: the directory holds no GRAD-Net
+        raise ModelLoadError(f"{dir_uri}: not a readable GRAD-Net model ({err})") from err
+    net = build_net(int(document["in_dim"]), cfg)
+    weights = {k[len("net."):]: v for k, v in tensors.items() if k.startswith("net.")}
+    check_weights(net, weights, f"{weights_uri} vs {config_uri}")
+    net.load_state_dict(weights)
+    projection = None
+    if "pca.mean" in tensors:
+        projection = Projection(tensors["pca.mean"].numpy(), tensors["pca.components"].numpy())
+    return GradNet(cfg, net.eval(), Fitted(projection, tensors["anchors"].numpy()), document)
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole method on one collection
 
 
 @dataclasses.dataclass
@@ -449,6 +587,7 @@ class Diffusion:
     features: np.ndarray  # diffused features of the indexed images [N, D], unit rows
     raw: np.ndarray  # unit raw features of the indexed images [N, d] (QFE searches them)
     losses: list[float]
+    projection: Projection | None = None  # the PCA the inputs went through (None: all dimensions)
 
     def query_features(self, queries: Any) -> np.ndarray:
         """Diffused features [Q, D] of unseen queries by QFE (config.qfe_k, config.qfe_rounds)."""
@@ -458,15 +597,13 @@ class Diffusion:
 def fit(x: Any, cfg: DiffusionConfig, neighbours: Any = None, similarities: Any = None,
         log: Callable[[int, float], None] | None = None) -> Diffusion:
     """GRAD-Net fitted on the images x [N, d]: k-NN table (exact, unless `neighbours`/`similarities` are given),
-    anchors, mutual graph, training, then the diffused features of every image."""
+    PCA and anchors, mutual graph, training, then the diffused features of every image."""
     from gatrep.vectors import exact_knn
 
     raw = normalise(x)
     if neighbours is None or similarities is None:
         neighbours, similarities = exact_knn(raw, cfg.k)
-    inputs = principal_components(raw, cfg.reduce, cfg.seed) if 0 < cfg.reduce < raw.shape[1] else raw
-    anchors = fit_anchors(inputs, cfg.anchors, cfg.anchor_sample, cfg.seed)
-    graph = build_graph(inputs, neighbours, similarities, anchors, cfg)
+    fitted, graph = prepare(raw, neighbours, similarities, cfg)
     net, losses = train(graph, cfg, log)
     features = normalise(diffuse(net, graph).numpy())
-    return Diffusion(cfg, anchors, net, graph, features, raw, losses)
+    return Diffusion(cfg, fitted.anchors, net, graph, features, raw, losses, fitted.projection)

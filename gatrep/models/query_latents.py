@@ -1,5 +1,6 @@
 """Query latents from a trained graph autoencoder (context-free, or context-aware after inserting the query
-into the k-NN graph of the collection or of one category, III-B2) and the latent query path built on them."""
+into the k-NN graph of the collection or of one category, III-B2) or from GRAD-Net's diffused index (query feature
+expansion), and the latent query path built on them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 from gatrep import sampling
 from gatrep.categorize import Searcher, SearchResults
 from gatrep.models.autoencoder import GraphAutoencoder
-from gatrep.vectors import PAD
+from gatrep.models.diffusion import query_feature_expansion
+from gatrep.vectors import PAD, normalise
 
 SEEDS = 5  # best latent matches whose graph neighbourhoods are searched when inserting a query
 
@@ -94,6 +96,28 @@ class QueryEncoder:
         return self.model.encode(x_all, edge_index)[:b].numpy()
 
 
+class ExpansionEncoder:
+    """GRAD-Net's query latents: query feature expansion (QFE, diffusion.query_feature_expansion) of a query's raw
+    features over its `k` nearest indexed images' diffused latents, `rounds` times (2: the second round from the
+    nearest by the first round's latent). `raw` [N, d] are the indexed images' raw features and `latents` [N, D]
+    their diffused features, row for row; neither the network nor the graph is needed."""
+
+    def __init__(self, raw: np.ndarray, latents: np.ndarray, k: int, rounds: int) -> None:
+        if len(raw) != len(latents):
+            raise ValueError(f"{len(raw)} raw feature rows for {len(latents)} latents: they go row for row")
+        self.raw, self.latents = normalise(raw), normalise(latents)
+        self.k, self.rounds = k, rounds
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """Unit query latents [B, D] of query features x [B, d]."""
+        return query_feature_expansion(x, self.raw, self.latents, self.k, self.rounds)
+
+
+def search_expanded(searcher: Searcher, encoder: ExpansionEncoder, x: np.ndarray, k: int, scoring: str,
+                    by: Retrieval) -> SearchResults:
+    """Categorize and retrieve with GRAD-Net's query latent (QFE)."""
+    return searcher.search(encoder.encode(x), k, scoring, by.similarity, by.style, by.candidates)
+
 
 @dataclasses.dataclass(frozen=True)
 class Retrieval:
@@ -140,11 +164,13 @@ LATENT_MODES = {"context-aware": search_context_aware, "category-aware": search_
                 "context-free": search_context_free}
 
 
-def search(searcher: Searcher, encoder: QueryEncoder, x: np.ndarray, mode: str, k: int, scoring: str,
-           insert_k: int = 0, by: Retrieval | None = None) -> SearchResults:
+def search(searcher: Searcher, encoder: QueryEncoder | ExpansionEncoder, x: np.ndarray, mode: str, k: int,
+           scoring: str, insert_k: int = 0, by: Retrieval | None = None) -> SearchResults:
     """Categorize and retrieve the query features `x` [B, D] against latent representatives, forming the
-    query latents by `mode` (see LATENT_MODES); `insert_k` graph neighbours per inserted query, 0 = the
-    graph's k; matches ranked as `by` says. This is the query path of the query stage and of bench/quality.py
-    alike."""
+    query latents by `mode` (see LATENT_MODES; a GRAD-Net ExpansionEncoder has one way, QFE, and ignores it);
+    `insert_k` graph neighbours per inserted query, 0 = the graph's k; matches ranked as `by` says. This is the
+    query path of the query stage and of bench/quality.py alike."""
+    if isinstance(encoder, ExpansionEncoder):
+        return search_expanded(searcher, encoder, x, k, scoring, by or Retrieval())
     return LATENT_MODES[mode](searcher, encoder, x, k, scoring, insert_k or int(encoder.neighbours.shape[1]),
                               by or Retrieval())

@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import ray
 
 from gatrep import io, schemas, stages, vectors, versions
-from gatrep.config import EmbedConfig, QueryConfig, from_dict, to_dict
+from gatrep.config import AUTOENCODER, GRAD_NET, EmbedConfig, QueryConfig, from_dict, to_dict
 from gatrep.stages import embed
 from gatrep.stages.embed import read_nodes
 from gatrep.stages.graph import read_graph
@@ -26,8 +26,9 @@ DESCRIPTION = "Categorize every query under --input against <--run>/<--index>."
 @dataclasses.dataclass(frozen=True)
 class IndexSources:
     """The stages an index was built from, found by following its manifests' lineage: the embeddings
-    stage (whose backbone embeds the queries) and, for a latents index, the model and graph of its latents, and
-    whether that model aggregates the graph's edges (not a class-nodes model trained without --knn-edges)."""
+    stage (whose backbone embeds the queries) and, for a latents index, the latents, the model and graph of its
+    latents, the model's objective, and whether that model aggregates the graph's edges (not a class-nodes model
+    trained without --knn-edges)."""
 
     index: str
     source: str  # schemas.LATENTS or schemas.EMBEDDINGS
@@ -35,11 +36,14 @@ class IndexSources:
     model: str | None = None
     graph: str | None = None
     image_edges: bool = True
+    latents: str | None = None
+    objective: str = AUTOENCODER
 
 
 def resolve(cfg: QueryConfig) -> IndexSources:
     """The stages behind `cfg.index`, followed through the manifests and checked to be the ones it was built
-    from. Raises io.StageError naming what is missing or stale."""
+    from. Raises io.StageError naming what is missing or stale, and for a GRAD-Net index a --query-latent other
+    than context-aware (its query latent is QFE)."""
     index_uri = io.join(cfg.run, cfg.index)
     check_files(index_uri)  # here, not in the query actors, where a missing file would kill them
     index_manifest = io.read_manifest(index_uri, schemas.INDEX)
@@ -53,8 +57,12 @@ def resolve(cfg: QueryConfig) -> IndexSources:
     model_uri, model_manifest = io.upstream_stage(cfg.run, source_manifest, schemas.MODEL, schemas.MODEL)
     graph_uri, graph_manifest = io.upstream_stage(cfg.run, source_manifest, schemas.GRAPH, schemas.GRAPH)
     embeddings_uri, _ = io.upstream_stage(cfg.run, graph_manifest, schemas.EMBEDDINGS, schemas.EMBEDDINGS)
+    objective = model_manifest.get("objective", AUTOENCODER)
+    if objective == GRAD_NET and cfg.query_latent != "context-aware":
+        raise io.StageError(f"--query-latent {cfg.query_latent}: {index_uri} holds GRAD-Net latents, whose query "
+                            "latent is query feature expansion from the indexed images (context-aware, the default)")
     return IndexSources(index_uri, source, embeddings_uri, model_uri, graph_uri,
-                        image_edges=model_manifest.get("image_edges", True))
+                        image_edges=model_manifest.get("image_edges", True), latents=source_uri, objective=objective)
 
 
 class QueryMapper:
@@ -70,9 +78,14 @@ class QueryMapper:
             import torch
 
             from gatrep.models import query_latents
-            from gatrep.stages.train import load_model_stage
+            from gatrep.stages.train import load_grad_net_stage, load_model_stage
 
             torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+            if sources.objective == GRAD_NET:
+                qfe = load_grad_net_stage(sources.model).config
+                raw, latents = ray.get(graph_ref)
+                self.encoder = query_latents.ExpansionEncoder(raw, latents, qfe.qfe_k, qfe.qfe_rounds)
+                return
             model, _ = load_model_stage(sources.model)
             features, neighbours, categories, image_ids = ray.get(graph_ref)
             self.encoder = query_latents.QueryEncoder(model, features, neighbours, categories, image_ids)
@@ -132,6 +145,19 @@ def graph_arrays(sources: IndexSources) -> tuple[np.ndarray, np.ndarray, np.ndar
     return nodes.vectors, neighbours, nodes.category, nodes.image_id
 
 
+def expansion_arrays(sources: IndexSources) -> tuple[np.ndarray, np.ndarray]:
+    """(raw embeddings [N, d], diffused latents [N, D]) of the indexed images of a GRAD-Net index, row for row:
+    what query feature expansion reads. Refuses (io.StageError) latents whose images are not the embeddings'."""
+    nodes, _ = read_nodes(sources.embeddings)
+    table, _ = io.read_table(str(sources.latents), schemas.LATENTS)
+    node = table[schemas.NODE].to_numpy()
+    ids = np.array(table[schemas.IMAGE_ID].to_pylist(), dtype=object)
+    if len(node) and (node.min() < 0 or node.max() >= len(nodes) or not np.array_equal(nodes.image_id[node], ids)):
+        raise io.StageError(f"{sources.latents} was not computed from {sources.embeddings}; rebuild the graph, "
+                            "train and index stages")
+    return np.asarray(nodes.vectors[node]), vectors.from_arrow(table[schemas.LATENT])
+
+
 def query_embeddings(cfg: QueryConfig, sources: IndexSources) -> str:
     """The embeddings stage of the queries: --input itself when it is one, else the embed stage run first over
     the query images (with the index's backbone) into `<run>/<stage>-embeddings`, so that embedding and
@@ -163,7 +189,8 @@ def run(cfg: QueryConfig) -> dict[str, Any]:
         queries_uri = query_embeddings(cfg, sources)
         queries_manifest = io.read_manifest(queries_uri, schemas.EMBEDDINGS)
         io.check_table_schemas(queries_uri, queries_manifest)  # here, not in Ray's read tasks
-        graph_ref = ray.put(graph_arrays(sources)) if sources.model is not None else None
+        graph_ref = None if sources.model is None else ray.put(
+            expansion_arrays(sources) if sources.objective == GRAD_NET else graph_arrays(sources))
         timings: dict[str, float] = {}
         stage_uri = io.join(cfg.run, cfg.stage)
         run_dir = io.new_run_dir(stage_uri)
@@ -188,7 +215,7 @@ def method_name(cfg: QueryConfig, sources: IndexSources) -> str:
     latents are formed, query expansion, what retrieval ranks by when it is not content, and where from."""
     parts = [cfg.index, cfg.scoring + (f"^{cfg.vote_power:g}" if cfg.scoring == "knn" and cfg.vote_power else "")]
     if sources.model is not None:
-        parts.append(cfg.query_latent)
+        parts.append("qfe" if sources.objective == GRAD_NET else cfg.query_latent)
     if cfg.expand and cfg.similarity == "content":
         parts.append(f"expand-{cfg.expand}^{cfg.expand_power:g}")
     if cfg.similarity != "content":

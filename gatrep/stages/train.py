@@ -1,6 +1,6 @@
 """The train stage on Ray Train: `graph` + `embeddings` -> the `model` stage (GAT-AE, or with `--objective
-class-nodes` the GAT-AE with label-aware category nodes; neighbour-sampled mini-batches, DDP, checkpoints) and the
-`latents` stage; also the reader of a published model."""
+class-nodes` the GAT-AE with label-aware category nodes, or with `--objective grad-net` GRAD-Net diffusion; sampled
+mini-batches, DDP, checkpoints) and the `latents` stage; also the reader of a published model."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -25,11 +26,12 @@ import torch
 import torch.distributed as dist
 
 from gatrep import io, models, sampling, schemas, stages, vectors
-from gatrep.config import CLASS_NODES, ConfigError, ModelConfig, TrainConfig, to_dict
+from gatrep.config import CLASS_NODES, GRAD_NET, ConfigError, ModelConfig, TrainConfig, to_dict
 from gatrep.errors import UserError
 from gatrep.knn import GraphInputError
-from gatrep.models import classnodes
+from gatrep.models import classnodes, diffusion
 from gatrep.models.classnodes import CategoryNodes, ClassGraph, ClassNodeModel
+from gatrep.models.diffusion import DiffusionConfig
 from gatrep.models.epoch import LossFn, reconstruction_loss, train_epoch
 from gatrep.stages.embed import read_nodes
 from gatrep.stages.graph import read_graph
@@ -58,6 +60,7 @@ class TrainInputs:
     category: np.ndarray
     features: np.ndarray  # float32 [n, d]
     neighbours: np.ndarray  # int64 [n, k], local ids 0..n-1, PAD where none
+    similarities: np.ndarray  # float32 [n, k], the graph's cosines (NaN where PAD)
     upstream: dict[str, Any]
 
 
@@ -86,7 +89,7 @@ def load_inputs(run: str) -> TrainInputs:
     return TrainInputs(
         node=graph.node, image_id=graph.image_id, listing=nodes.listing[graph.node],
         category=nodes.category[graph.node], features=np.ascontiguousarray(nodes.vectors[graph.node]),
-        neighbours=np.where(padded, PAD, local).astype(np.int64),
+        neighbours=np.where(padded, PAD, local).astype(np.int64), similarities=graph.similarities,
         upstream={schemas.GRAPH: io.upstream_of(graph.manifest, graph_uri),
                   schemas.EMBEDDINGS: io.upstream_of(embeddings_manifest, embeddings_uri)},
     )
@@ -148,16 +151,29 @@ def checkpoint_storage(run: str) -> str:
 # grow between runs (a rerun trains on from the last checkpoint), and how many workers share the work may change.
 LINEAGE_SETTINGS = ("seed", "lr", "batch_size", "num_neighbors", "init_from", "max_batches")
 CLASS_NODE_SETTINGS = ("objective", "temperature", "reconstruction_weight", "knn_edges")  # with class nodes only
+GRAD_NET_SETTINGS = ("objective", "sextets")  # with grad-net (its --anchors, --reduce: the model config)
+OBJECTIVE_SETTINGS = {CLASS_NODES: CLASS_NODE_SETTINGS, GRAD_NET: GRAD_NET_SETTINGS}
 
 
 def lineage(cfg: TrainConfig, inputs: TrainInputs) -> dict[str, Any]:
     """What the run's checkpoints are valid for: the inputs and the training settings (the autoencoder's record is
     the one it always was, so its existing checkpoints stay valid)."""
-    names = LINEAGE_SETTINGS + (CLASS_NODE_SETTINGS if cfg.objective == CLASS_NODES else ())
+    names = LINEAGE_SETTINGS + OBJECTIVE_SETTINGS.get(cfg.objective, ())
     return {"upstream": inputs.upstream, "train": {k: getattr(cfg, k) for k in names}}
 
 
-def check_checkpoints(storage: str, model_cfg: ModelConfig, resume: bool, lineage: dict[str, Any]) -> int:
+def model_identity(model_cfg: ModelConfig | DiffusionConfig | dict[str, Any]) -> dict[str, Any]:
+    """The config a checkpoint must have been written for, JSON form: all of it, but a DiffusionConfig's epochs
+    (how long to train, which a rerun may raise, as for the autoencoder)."""
+    values = model_cfg if isinstance(model_cfg, dict) else to_dict(model_cfg)
+    identity = json.loads(json.dumps(values))  # tuples as lists, as they are in the file
+    if "sextets" in identity:  # a DiffusionConfig's
+        identity.pop("epochs")
+    return identity
+
+
+def check_checkpoints(storage: str, model_cfg: ModelConfig | DiffusionConfig, resume: bool,
+                      lineage: dict[str, Any]) -> int:
     """The last checkpointed epoch in `storage` (0 if none), after removing them all when `resume` is False or
     they were trained on other inputs or settings than `lineage` says (printing why); `lineage` is then recorded.
 
@@ -178,8 +194,8 @@ def check_checkpoints(storage: str, model_cfg: ModelConfig, resume: bool, lineag
         fs.pipe_file(record, json.dumps(wanted_lineage, sort_keys=True).encode())
         return 0
     document = json.loads(fs.cat_file(configs[-1]))
-    saved = document.get("model", {})
-    wanted = json.loads(json.dumps(to_dict(model_cfg)))  # tuples as lists, as they are in the file
+    saved = model_identity(document.get("model", {}))
+    wanted = model_identity(model_cfg)
     differ = sorted(k for k in wanted.keys() | saved.keys() if wanted.get(k) != saved.get(k))
     if differ:
         details = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, asked {wanted.get(k)!r}" for k in differ)
@@ -195,9 +211,21 @@ def _save_checkpoint(directory: str, model: torch.nn.Module, model_cfg: ModelCon
     models.save_model(getattr(module, "autoencoder", module), model_cfg, directory, extra={"epoch": epoch})
     if graph is not None:
         classnodes.save_category_nodes(CategoryNodes.of(module, graph.names), directory)
+    _save_progress(directory, optimizer, history)
+
+
+def _save_progress(directory: str, optimizer: torch.optim.Optimizer, history: list[dict[str, Any]]) -> None:
+    """The optimizer's state and the metrics so far, beside a checkpoint's weights."""
     torch.save(optimizer.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
     with open(os.path.join(directory, METRICS_FILE), "w") as f:
         f.writelines(json.dumps(record) + "\n" for record in history)
+
+
+def _read_progress(directory: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(metrics so far, optimizer state) saved by _save_progress."""
+    optimizer_state = torch.load(os.path.join(directory, OPTIMIZER_FILE), weights_only=True)
+    with open(os.path.join(directory, METRICS_FILE)) as f:
+        return [json.loads(line) for line in f if line.strip()], optimizer_state
 
 
 def _restore(checkpoint: ray.train.Checkpoint | None, model: torch.nn.Module,
@@ -215,9 +243,7 @@ def _restore(checkpoint: ray.train.Checkpoint | None, model: torch.nn.Module,
             model.class_features.data.copy_(torch.from_numpy(classnodes.load_category_nodes(directory).features))
         with open(os.path.join(directory, models.CONFIG_FILE)) as f:
             epoch = json.load(f)["epoch"]
-        optimizer_state = torch.load(os.path.join(directory, OPTIMIZER_FILE), weights_only=True)
-        with open(os.path.join(directory, METRICS_FILE)) as f:
-            history = [json.loads(line) for line in f if line.strip()]
+        history, optimizer_state = _read_progress(directory)
     return int(epoch), history, optimizer_state
 
 
@@ -306,21 +332,93 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     for epoch in range(start, cfg.epochs):
         seeds = seed_shard(len(features), epoch, cfg.seed, rank, world)
         loader = sampling.make_loader(features, neighbours, seeds, cfg.num_neighbors, cfg.batch_size,
-                                      seed=(cfg.seed * 1_000_003 + epoch) * world + rank)
+                                      seed=_sampler_seed(cfg.seed, epoch, rank, world))
         stats = train_epoch(ddp_model, optimizer, loader, device, cfg.max_batches, _loss_fn(cfg, graph))
         record = {"epoch": epoch + 1, "loss": _mean_loss(stats.loss, stats.seeds, device),
                   **{name: _mean_loss(t, stats.seeds, device) for name, t in zip(terms, stats.terms, strict=True)},
                   "seconds": round(stats.seconds, 3), "batches_per_worker": stats.batches,
                   "seeds": stats.seeds * world, "resumed": epoch == start and start > 0}
         history.append(record)
-        if rank == 0:
-            _say(f"Epoch {record['epoch']}/{cfg.epochs} Loss: {record['loss']:.6f} ({record['seconds']:.1f} s"
-                 + (", resumed from checkpoint" if record["resumed"] else "") + ")")
-        _maybe_fail(loop.get("fail_once"), epoch + 1, rank)
-        due = epoch + 1 == cfg.epochs or time.monotonic() - last_checkpoint >= cfg.checkpoint_every_s
-        if _agree(due, device):
-            _checkpoint(record, history, ddp_model, model_cfg, graph, optimizer, rank)
-            last_checkpoint = time.monotonic()
+        save = functools.partial(_save_checkpoint, model=ddp_model, model_cfg=model_cfg, graph=graph,
+                                 optimizer=optimizer, epoch=record["epoch"], history=history)
+        last_checkpoint = _end_epoch(loop, record, rank, device, last_checkpoint, save)
+
+
+def _sampler_seed(seed: int, epoch: int, rank: int, world: int) -> int:
+    """The seed of a worker's sampler in an epoch: distinct for every (seed, epoch, rank)."""
+    return (seed * 1_000_003 + epoch) * world + rank
+
+
+def _end_epoch(loop: dict[str, Any], record: dict[str, Any], rank: int, device: torch.device,
+               last_checkpoint: float, save: Callable[[str], None]) -> float:
+    """After an epoch (its `record` already in the history): print it, maybe fail (tests), and report it with a
+    checkpoint written by `save` (into a directory) when due; returns the time of the last checkpoint."""
+    cfg: TrainConfig = loop["train"]
+    if rank == 0:
+        _say(f"Epoch {record['epoch']}/{cfg.epochs} Loss: {record['loss']:.6f} ({record['seconds']:.1f} s"
+             + (", resumed from checkpoint" if record["resumed"] else "") + ")")
+    _maybe_fail(loop.get("fail_once"), record["epoch"], rank)
+    due = record["epoch"] == cfg.epochs or time.monotonic() - last_checkpoint >= cfg.checkpoint_every_s
+    if not _agree(due, device):
+        return last_checkpoint
+    _checkpoint(record, rank, save)
+    return time.monotonic()
+
+
+def grad_net_loop_per_worker(loop: dict[str, Any]) -> None:
+    """Ray Train worker of --objective grad-net: restore, then per epoch draw this worker's sextets (seeded by
+    rank and epoch) and step on their BFS subgraphs (DDP averages the gradients); report and checkpoint as the
+    autoencoder does. An epoch is about N sextets over all workers."""
+    cfg: TrainConfig = loop["train"]
+    model_cfg: DiffusionConfig = loop["model"]
+    torch.set_num_threads(cfg.threads_per_worker or cfg.cpus_per_worker)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    graph = diffusion.Graph(*(_shared_tensor(array) for array in ray.get(list(loop["graph"]))))
+    torch.manual_seed(model_cfg.seed)
+    net = diffusion.build_net(graph.inputs.shape[1], model_cfg)
+    start, history, optimizer_state = _restore_grad_net(ray.train.get_checkpoint(), net, model_cfg)
+    ddp_net = ray.train.torch.prepare_model(net)
+    device = ray.train.torch.get_device()
+    optimizer = torch.optim.Adam(ddp_net.parameters(), lr=cfg.lr)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    steps = diffusion.steps_per_epoch(len(graph.inputs), model_cfg.sextets, world)
+    steps = min(steps, cfg.max_batches) if cfg.max_batches else steps
+    last_checkpoint = time.monotonic()
+    for epoch in range(start, cfg.epochs):
+        generator = torch.Generator().manual_seed(_sampler_seed(cfg.seed, epoch, rank, world))
+        began = time.perf_counter()
+        ddp_net.train()
+        losses = [diffusion.train_step(ddp_net, graph, optimizer, model_cfg, generator, device) for _ in range(steps)]
+        record = {"epoch": epoch + 1, "loss": _mean_loss(float(np.mean(losses)), steps, device),
+                  "seconds": round(time.perf_counter() - began, 3), "batches_per_worker": steps,
+                  "sextets": steps * model_cfg.sextets * world, "resumed": epoch == start and start > 0}
+        history.append(record)
+        save = functools.partial(_save_grad_net_checkpoint, net=ddp_net, model_cfg=model_cfg,
+                                 fitted=loop["fitted"], optimizer=optimizer, epoch=record["epoch"], history=history)
+        last_checkpoint = _end_epoch(loop, record, rank, device, last_checkpoint, save)
+
+
+def _save_grad_net_checkpoint(directory: str, net: torch.nn.Module, model_cfg: DiffusionConfig,
+                              fitted: diffusion.Fitted, optimizer: torch.optim.Optimizer, epoch: int,
+                              history: list[dict[str, Any]]) -> None:
+    diffusion.save_grad_net(directory, net, model_cfg, fitted, extra={"epoch": epoch})
+    _save_progress(directory, optimizer, history)
+
+
+def _restore_grad_net(checkpoint: ray.train.Checkpoint | None, net: torch.nn.Module, model_cfg: DiffusionConfig,
+                      ) -> tuple[int, list[dict[str, Any]], dict[str, Any] | None]:
+    """(epochs done, metrics so far, optimizer state) from a GRAD-Net checkpoint, its weights loaded into `net`."""
+    if checkpoint is None:
+        return 0, [], None
+    with checkpoint.as_directory() as directory:
+        saved = diffusion.load_grad_net(directory)
+        if model_identity(saved.config) != model_identity(model_cfg):
+            raise CheckpointMismatch(f"{directory}: checkpoint of {saved.config}, not of {model_cfg}")
+        net.load_state_dict(saved.net.state_dict())
+        history, optimizer_state = _read_progress(directory)
+    return int(saved.document["epoch"]), history, optimizer_state
 
 
 def _say(line: str) -> None:
@@ -339,17 +437,15 @@ def _agree(due: bool, device: torch.device) -> bool:
     return bool(flag.item())
 
 
-def _checkpoint(record: dict[str, Any], history: list[dict[str, Any]], model: torch.nn.Module,
-                model_cfg: ModelConfig, graph: ClassGraph | None, optimizer: torch.optim.Optimizer,
-                rank: int) -> None:
-    """Report `record`; rank 0 saves the checkpoint (weights, category nodes, optimizer, the history so far)
-    with it."""
+def _checkpoint(record: dict[str, Any], rank: int, save: Callable[[str], None]) -> None:
+    """Report `record`; rank 0 saves the checkpoint (weights, category nodes or PCA and anchors, optimizer, the
+    history so far) with it, by `save` into a directory."""
     name = f"checkpoint_epoch_{record['epoch']:06d}"
     if rank != 0:
         ray.train.report(record, checkpoint_dir_name=name)
         return
     with tempfile.TemporaryDirectory() as directory:
-        _save_checkpoint(directory, model, model_cfg, graph, optimizer, record["epoch"], history)
+        save(directory)
         ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(directory),
                          checkpoint_dir_name=name)
 
@@ -398,22 +494,27 @@ def fit(cfg: TrainConfig, shared: Shared, model_cfg: ModelConfig, storage: str,
     Features and the neighbour table go to the object store once; workers on a node map the same
     shared memory instead of each holding a copy. `init` (safetensors bytes) are the starting weights when
     there is no checkpoint yet; `fail_once` (tests) kills one worker once."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     loop = {"train": cfg, "model": model_cfg, "fail_once": fail_once, "init": init,
             "features": shared.features, "neighbours": shared.neighbours, "category": shared.category,
             "names": shared.names}
+    return _trainer(cfg, train_loop_per_worker, loop, storage).fit()
+
+
+def _trainer(cfg: TrainConfig, loop_fn: Callable[[dict[str, Any]], None], loop: dict[str, Any],
+             storage: str) -> Any:
+    """The TorchTrainer running `loop_fn(loop)` on cfg.workers workers, checkpoints (the last 2) in `storage`."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})}
-    trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop,
+    return TorchTrainer(
+        loop_fn, train_loop_config=loop,
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=RUN_NAME, storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    return trainer.fit()
 
 
 def initial_weights(cfg: TrainConfig, model_cfg: ModelConfig) -> bytes | None:
@@ -469,6 +570,8 @@ def run(cfg: TrainConfig, fail_once: dict[str, Any] | None = None) -> dict[str, 
         if published is not None:
             return published
         check_size(inputs, cfg)
+        if cfg.objective == GRAD_NET:
+            return run_grad_net(cfg, inputs, timings, fail_once)
         graph = class_graph(inputs, cfg)
         model_cfg = cfg.model_config(inputs.features.shape[1])
         storage = checkpoint_storage(cfg.run)
@@ -489,32 +592,104 @@ def run(cfg: TrainConfig, fail_once: dict[str, Any] | None = None) -> dict[str, 
             latents, embeddings = compute_latents(cfg, model, model_cfg, shared, nodes)
         if nodes is not None:
             nodes = dataclasses.replace(nodes, embeddings=embeddings)
-        model_manifest = _publish_model(cfg, (model, model_cfg, nodes), metrics, inputs, resumed_from, timings)
+
+        def save(run_dir: str, extra: dict[str, Any]) -> list[str]:
+            files = models.save_model(model, model_cfg, run_dir, extra=extra)
+            return files if nodes is None else [*files, classnodes.save_category_nodes(nodes, run_dir)]
+
+        model_manifest = _publish_model(cfg, save, to_dict(model_cfg), metrics, inputs, resumed_from, timings,
+                                        category_nodes=0 if nodes is None else len(nodes.names))
         return {schemas.MODEL: model_manifest, schemas.LATENTS: _publish_latents(cfg, inputs, latents, model_manifest)}
 
 
-def _publish_model(cfg: TrainConfig, trained: tuple[torch.nn.Module, ModelConfig, CategoryNodes | None],
-                   metrics: str, inputs: TrainInputs, resumed_from: int, timings: dict[str, float]) -> dict[str, Any]:
-    """Publish the autoencoder (and the category nodes with their embeddings, for class nodes) with its metrics."""
-    model, model_cfg, nodes = trained
+def run_grad_net(cfg: TrainConfig, inputs: TrainInputs, timings: dict[str, float],
+                 fail_once: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`--objective grad-net` of `run`, once the inputs are read and checked: the PCA and anchors fitted here (or
+    read from the checkpoint training resumes from), the mutual graph and its inputs put in the object store,
+    GRAD-Net trained by Ray Train, the diffused features computed in a Ray task; publishes model and latents.
+    Refuses (GraphInputError) more anchors than images and a graph without mutual neighbours before anything is
+    written."""
+    model_cfg = cfg.diffusion_config(inputs.neighbours.shape[1])
+    check_grad_net_inputs(cfg, inputs, model_cfg)
+    storage = checkpoint_storage(cfg.run)
+    resumed_from = check_checkpoints(storage, model_cfg, cfg.resume, lineage(cfg, inputs))
+    with io.timed(timings, "prepare"):
+        fitted, graph = diffusion.prepare(inputs.features, inputs.neighbours, inputs.similarities, model_cfg,
+                                          _checkpointed_inputs(storage) if resumed_from else None)
+    stages.init_ray()
+    arrays = tuple(ray.put(t.numpy()) for t in (graph.inputs, graph.table, graph.affinities, graph.weights))
+    loop = {"train": cfg, "model": model_cfg, "fail_once": fail_once, "graph": arrays, "fitted": fitted}
+    with io.timed(timings, "train"):
+        result = _trainer(cfg, grad_net_loop_per_worker, loop, storage).fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training in {storage} reported no checkpoint; see the Ray Train log above")
+    with result.checkpoint.as_directory() as directory:
+        trained = diffusion.load_grad_net(directory)
+        with open(os.path.join(directory, METRICS_FILE)) as f:
+            metrics = f.read()
+    with io.timed(timings, "latents"):
+        task = ray.remote(_grad_net_latents_task).options(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)
+        weights = safetensors.torch.save({k: v.contiguous() for k, v in trained.net.state_dict().items()})
+        latents = np.asarray(ray.get(task.remote(weights, model_cfg, cfg.inference_batch_size,
+                                                 cfg.threads_per_worker or cfg.cpus_per_worker, *arrays)))
+
+    def save(run_dir: str, extra: dict[str, Any]) -> list[str]:
+        return diffusion.save_grad_net(run_dir, trained.net, model_cfg, trained.fitted, extra=extra)
+
+    model_manifest = _publish_model(cfg, save, to_dict(model_cfg), metrics, inputs, resumed_from, timings)
+    return {schemas.MODEL: model_manifest,
+            schemas.LATENTS: _publish_latents(cfg, inputs, latents, model_manifest, mode="diffused")}
+
+
+def check_grad_net_inputs(cfg: TrainConfig, inputs: TrainInputs, model_cfg: DiffusionConfig) -> None:
+    """Refuse (GraphInputError) more anchors than images, and a graph without mutual neighbours (no sextet could
+    be drawn), before anything is written."""
+    if model_cfg.anchors > len(inputs.node):
+        raise GraphInputError(f"--objective grad-net: {model_cfg.anchors} anchors need at least as many images, "
+                              f"{cfg.run} has {len(inputs.node)}; lower --anchors")
+    if not bool((diffusion.mutual_knn(inputs.neighbours, inputs.similarities)[0] != PAD).any()):
+        raise GraphInputError(f"--objective grad-net: the graph of {cfg.run} has no mutual neighbours (i in j's list "
+                              "and j in i's); rebuild it with a larger --k")
+
+
+def _checkpointed_inputs(storage: str) -> diffusion.Fitted:
+    """The PCA and anchors of the newest GRAD-Net checkpoint in `storage` (training resumes with those)."""
+    fs, path = io.url_to_fs(io.join(storage, RUN_NAME))
+    newest = sorted(fs.glob(posixpath.join(path, "checkpoint_*", models.CONFIG_FILE)))[-1]
+    return diffusion.load_grad_net(io.full_uri(fs, posixpath.dirname(newest))).fitted
+
+
+def _grad_net_latents_task(weights: bytes, model_cfg: DiffusionConfig, batch_size: int, threads: int,
+                           *arrays: np.ndarray) -> np.ndarray:
+    """The unit diffused features [N, D] of every node (diffusion.diffuse on the CPU), from the net's weights and
+    the graph's four arrays (inputs, mutual table, affinities, S)."""
+    torch.set_num_threads(threads)
+    graph = diffusion.Graph(*(_shared_tensor(array) for array in arrays))
+    net = diffusion.build_net(graph.inputs.shape[1], model_cfg)
+    net.load_state_dict(safetensors.torch.load(weights))
+    return vectors.normalise(diffusion.diffuse(net, graph, batch_size).numpy())
+
+
+def _publish_model(cfg: TrainConfig, save: Callable[[str, dict[str, Any]], list[str]], model: dict[str, Any],
+                   metrics: str, inputs: TrainInputs, resumed_from: int, timings: dict[str, float],
+                   category_nodes: int = 0) -> dict[str, Any]:
+    """Publish the model (the files `save(run_dir, extra)` writes: the autoencoder and any category nodes, or
+    GRAD-Net) with its metrics; `model` is its config's dict form."""
     stage = io.join(cfg.run, schemas.MODEL)
     run_dir = io.new_run_dir(stage)
     history = [json.loads(line) for line in metrics.splitlines() if line.strip()]
-    files = models.save_model(model, model_cfg, run_dir, extra={"epoch": history[-1]["epoch"], "train": to_dict(cfg),
-                                                               "objective": cfg.objective})
-    if nodes is not None:
-        files.append(classnodes.save_category_nodes(nodes, run_dir))
+    files = save(run_dir, {"epoch": history[-1]["epoch"], "train": to_dict(cfg), "objective": cfg.objective})
     fs, path = io.url_to_fs(run_dir)
     fs.pipe_file(posixpath.join(path, METRICS_FILE), metrics.encode())
     return io.publish(stage, schemas.MODEL, [*files, io.join(run_dir, METRICS_FILE)], config=to_dict(cfg),
-                      upstream=inputs.upstream, rows=len(inputs.node), model=to_dict(model_cfg),
+                      upstream=inputs.upstream, rows=len(inputs.node), model=model,
                       epochs=history[-1]["epoch"], final_loss=history[-1]["loss"], resumed_from_epoch=resumed_from,
                       timings=timings, objective=cfg.objective, image_edges=cfg.image_edges,
-                      category_nodes=0 if nodes is None else len(nodes.names))
+                      category_nodes=category_nodes)
 
 
 def _publish_latents(cfg: TrainConfig, inputs: TrainInputs, latents: np.ndarray,
-                     model_manifest: dict[str, Any]) -> dict[str, Any]:
+                     model_manifest: dict[str, Any], mode: str = "context-aware") -> dict[str, Any]:
     stage = io.join(cfg.run, schemas.LATENTS)
     table = pa.table({
         schemas.NODE: pa.array(inputs.node, pa.int64()),
@@ -526,7 +701,7 @@ def _publish_latents(cfg: TrainConfig, inputs: TrainInputs, latents: np.ndarray,
     file_uri = io.write_table(table, io.new_run_dir(stage))
     return io.publish(stage, schemas.LATENTS, [file_uri], config=to_dict(cfg),
                       upstream=latents_upstream(cfg, inputs, model_manifest), rows=len(inputs.node),
-                      mode="context-aware", latent_dim=latents.shape[1])
+                      mode=mode, latent_dim=latents.shape[1])
 
 
 def latents_upstream(cfg: TrainConfig, inputs: TrainInputs, model_manifest: dict[str, Any]) -> dict[str, Any]:
@@ -556,8 +731,22 @@ def _model_dir(stage_uri: str, manifest: dict[str, Any]) -> str:
 
 def load_model_stage(stage_uri: str) -> tuple[models.GraphAutoencoder, ModelConfig]:
     """The model a published model stage holds (for class nodes: its autoencoder, which gives image and query
-    latents)."""
-    return models.load_model(_model_dir(stage_uri, io.read_manifest(stage_uri, schemas.MODEL)))
+    latents). Refuses (ModelLoadError) a GRAD-Net model stage: load_grad_net_stage reads those."""
+    manifest = io.read_manifest(stage_uri, schemas.MODEL)
+    if manifest.get("objective") == GRAD_NET:
+        raise models.ModelLoadError(f"{stage_uri} holds a GRAD-Net model (--objective grad-net), not a graph "
+                                    "autoencoder; its latents are diffused features, queried by QFE")
+    return models.load_model(_model_dir(stage_uri, manifest))
+
+
+def load_grad_net_stage(stage_uri: str) -> diffusion.GradNet:
+    """The GRAD-Net a published model stage holds (weights, DiffusionConfig, PCA, anchors). Refuses
+    (ModelLoadError) a model stage of another objective."""
+    manifest = io.read_manifest(stage_uri, schemas.MODEL)
+    if manifest.get("objective") != GRAD_NET:
+        raise models.ModelLoadError(f"{stage_uri} holds a model of --objective {manifest.get('objective')}, not "
+                                    "grad-net")
+    return diffusion.load_grad_net(_model_dir(stage_uri, manifest))
 
 
 def load_category_nodes(stage_uri: str, manifest: dict[str, Any] | None = None) -> CategoryNodes | None:
@@ -572,8 +761,10 @@ def load_category_nodes(stage_uri: str, manifest: dict[str, Any] | None = None) 
 def summary(manifests: dict[str, Any]) -> str:
     """A few lines for the console: nodes, epochs, final loss, where the model and latents are."""
     model, latents = manifests[schemas.MODEL], manifests[schemas.LATENTS]
+    grad_net = model.get("objective") == GRAD_NET
     return "\n".join([
-        f"model: {model['model']['encoder']} autoencoder"
+        (f"model: GRAD-Net (layers {model['model']['sizes']}, {model['model']['anchors']} anchors)" if grad_net else
+         f"model: {model['model']['encoder']} autoencoder")
         + (f" with {model['category_nodes']} category nodes (class-nodes"
            + ("" if model["image_edges"] else ", no image k-NN edges") + ")" if model.get("category_nodes") else "")
         + f", {model['rows']} nodes, {model['epochs']} epochs, "
@@ -581,6 +772,6 @@ def summary(manifests: dict[str, Any]) -> str:
         + (f" (resumed from epoch {model['resumed_from_epoch']})" if model["resumed_from_epoch"] else "")
         + (f", fine-tuned from {model['config']['init_from']}" if model["config"].get("init_from") else "")
         + (" [already published: reused]" if model.get("reused") else ""),
-        f"  latents: {latents['rows']} context-aware latents of {latents['latent_dim']} dims",
+        f"  latents: {latents['rows']} {latents.get('mode', 'context-aware')} latents of {latents['latent_dim']} dims",
         f"  timings (s): {model['timings']}",
     ])
