@@ -164,6 +164,16 @@ class GraphConfig:
                                      "1 = one build in the driver, 0 = chosen from the data size and cluster "
                                      "memory; needs --group-by none and no --update-from"},
     )
+    overlap: int = dataclasses.field(
+        default=3, metadata={"help": "with --partitions: the k-means cells each node goes to (its nearest ones); "
+                                     "more finds more neighbours across cell boundaries, and costs that many builds "
+                                     "of each node"},
+    )
+    probe: int = dataclasses.field(
+        default=0, metadata={"help": "with --partitions: the nearest cells each node is searched in, its --overlap "
+                                     "cells (where it is built) and the next ones (a pynndescent search of their "
+                                     "index); 0 = --overlap"},
+    )
 
     def __post_init__(self) -> None:
         if self.k <= 0:
@@ -182,6 +192,8 @@ class GraphConfig:
             raise ConfigError("--update-from updates a plain k-NN graph: it needs --group-by none and no --mutual")
         if self.partitions < 0:
             raise ConfigError(f"partitions must be >= 0 (0 = chosen from the data), not {self.partitions}")
+        if self.overlap < 1 or self.probe and self.probe < self.overlap:
+            raise ConfigError(f"overlap must be >= 1 and probe 0 or >= overlap, not {self.overlap} and {self.probe}")
         if self.partitions != 1 and (self.update_from or self.group_by != "none"):
             raise ConfigError("--partitions shards one graph of the whole collection: it needs --group-by none and "
                               "no --update-from (use --partitions 1 with those)")

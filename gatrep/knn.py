@@ -118,8 +118,7 @@ def recall_at_k(vectors: np.ndarray, neighbours: np.ndarray, groups: np.ndarray,
     """
     if sample <= 0:
         return None
-    rng = np.random.default_rng(seed)
-    picked = np.sort(rng.choice(len(vectors), size=min(sample, len(vectors)), replace=False))
+    picked = recall_queries(len(vectors), sample, seed)
     found = expected = 0
     labels, members_of = group_rows(groups)
     for label, members in zip(labels, members_of, strict=True):
@@ -134,3 +133,23 @@ def recall_at_k(vectors: np.ndarray, neighbours: np.ndarray, groups: np.ndarray,
         found += int(((got >= kth) & (neighbours[queries] != PAD)).sum())
         expected += take * len(queries)
     return found / expected if expected else None
+
+
+def recall_queries(n: int, sample: int, seed: int = 0) -> np.ndarray:
+    """The sorted node ids recall_at_k checks: `sample` (at most n) drawn at random with `seed`."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=min(max(sample, 0), n), replace=False))
+
+
+def recall_of(neighbours: np.ndarray, similarities: np.ndarray, exact_similarities: np.ndarray, sample: int,
+              seed: int = 0) -> float | None:
+    """recall_at_k of one group from similarities alone: `neighbours` / `similarities` are the [n, k] lists of
+    all nodes, `exact_similarities` the exact [q, k] cosines (NaN-padded) of the `recall_queries(n, sample,
+    seed)` nodes. Counts as recall_at_k does; None when `sample` is 0."""
+    queries = recall_queries(len(neighbours), sample, seed)
+    if len(queries) == 0 or len(neighbours) < 2:
+        return None
+    take = min(neighbours.shape[1], len(neighbours) - 1)
+    kth = exact_similarities[:, take - 1:take] - 1e-5
+    got = neighbours[queries] != PAD
+    return int(((similarities[queries] >= kth) & got).sum()) / (take * len(queries))

@@ -1,21 +1,39 @@
-"""A k-NN graph built in shards: k-means cells with overlap, one Ray task per cell, candidate lists merged per node."""
+"""A k-NN graph built in shards: k-means cells with overlap, a Ray task per cell, lists merged; tasks read vectors."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+import posixpath
+import resource
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 
-from gatrep import knn
-from gatrep.vectors import PAD, approximate_knn, block_rows, exact_knn, normalise
+from gatrep import io, knn
+from gatrep.vectors import (
+    PAD,
+    approximate_knn,
+    approximate_search,
+    block_rows,
+    exact_knn,
+    exact_topk,
+    from_arrow,
+    normalise,
+    to_arrow,
+)
 
 # Rows of the sample k-means is fitted on: enough for stable centres, small next to N.
 KMEANS_SAMPLE = 20_000
-# Bytes one cell row costs in a task beyond its vector: pynndescent's graph, heap and search trees at build_k = 30.
-# An estimate with room to spare, not yet measured (bench/graph.py should measure a task's peak memory).
-ROW_OVERHEAD = 1_024
+# Bytes one cell row costs in a task beyond its vector: pynndescent's graph, heap and search trees at build_k = 30,
+# and the cell's table as read. bench/graph.py measured about 3-7 KB per 128-d row (a cell task's peak memory
+# against its cell size, 20k-235k rows, with a worker's ~0.5 GiB of libraries on top).
+ROW_OVERHEAD = 4_096
 # Fraction of a task's share of cluster memory that its cell may fill.
 MEMORY_FRACTION = 0.5
 
@@ -42,26 +60,38 @@ def cluster_partitions(n: int, dim: int, overlap: int = 2) -> int:
 
 def assign_cells(unit: np.ndarray, partitions: int, overlap: int = 2, seed: int = 0,
                  sample: int = KMEANS_SAMPLE) -> np.ndarray:
-    """[n, overlap] cell ids of every row, most similar centre first: MiniBatchKMeans on `sample` random
-    rows gives the centres (unit length), each row goes to its `overlap` most similar ones by cosine.
-    Refuses (ValueError) partitions < 1, overlap not in 1..partitions, or more partitions than rows."""
-    from sklearn.cluster import MiniBatchKMeans
-
+    """[n, overlap] cell ids of every row, most similar centre first: the centres of `fit_centres` on `sample`
+    random rows, each row in its `overlap` most similar ones (`nearest_cells`). Refuses (ValueError)
+    partitions < 1, overlap not in 1..partitions, or more partitions than rows."""
     n = len(unit)
     if partitions < 1 or not 1 <= overlap <= partitions or partitions > n:
         raise ValueError(f"{n} rows cannot go to {partitions} cells with overlap {overlap}")
     if partitions == 1:
         return np.zeros((n, 1), dtype=np.int64)
-    rng = np.random.default_rng(seed)
-    picked = rng.choice(n, size=min(n, max(sample, 50 * partitions)), replace=False)
+    picked = np.random.default_rng(seed).choice(n, size=min(n, max(sample, 50 * partitions)), replace=False)
+    return nearest_cells(unit, fit_centres(unit[picked], partitions, seed), overlap)
+
+
+def fit_centres(sample: np.ndarray, partitions: int, seed: int = 0) -> np.ndarray:
+    """[partitions, d] unit cell centres: MiniBatchKMeans on the sample rows (at least `partitions` of them)."""
+    from sklearn.cluster import MiniBatchKMeans
+
     kmeans = MiniBatchKMeans(n_clusters=partitions, random_state=seed, n_init=3, batch_size=4096)
-    centres = normalise(kmeans.fit(unit[picked]).cluster_centers_)
-    cells = np.empty((n, overlap), dtype=np.int64)
-    step = block_rows(partitions)
-    for start in range(0, n, step):
+    return normalise(kmeans.fit(sample).cluster_centers_)
+
+
+def sample_size(n: int, partitions: int) -> int:
+    """Rows of n that k-means is fitted on: KMEANS_SAMPLE, at least 50 per cell, at most n."""
+    return min(n, max(KMEANS_SAMPLE, 50 * partitions))
+
+
+def nearest_cells(unit: np.ndarray, centres: np.ndarray, overlap: int) -> np.ndarray:
+    """[n, overlap] ids of each row's `overlap` most similar centres by cosine, most similar first."""
+    cells = np.empty((len(unit), overlap), dtype=np.int64)
+    step = block_rows(len(centres))
+    for start in range(0, len(unit), step):
         scores = unit[start:start + step] @ centres.T
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :overlap]
-        cells[start:start + step] = top
+        cells[start:start + step] = np.argsort(-scores, axis=1, kind="stable")[:, :overlap]
     return cells
 
 
@@ -94,9 +124,11 @@ def merge_candidates(n: int, k: int, lists: list[tuple[np.ndarray, np.ndarray, n
     return _best_distinct(cand_ids, cand_sims, k)
 
 
-def _best_distinct(cand_ids: np.ndarray, cand_sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k best distinct, non-self, non-PAD candidates of each row (see merge_candidates)."""
-    own = np.arange(len(cand_ids))[:, None]
+def _best_distinct(cand_ids: np.ndarray, cand_sims: np.ndarray, k: int,
+                   own: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The k best distinct, non-self, non-PAD candidates of each row (see merge_candidates); row i is node
+    `own[i]` (default i)."""
+    own = (np.arange(len(cand_ids)) if own is None else own)[:, None]
     by_id = np.argsort(cand_ids, axis=1, kind="stable")
     ids = np.take_along_axis(cand_ids, by_id, axis=1)
     sims = np.take_along_axis(cand_sims, by_id, axis=1)
@@ -156,3 +188,315 @@ def sharded_knn(unit: np.ndarray, k: int, partitions: int, exact_below: int = 40
               "groups_smaller_than_k_plus_1": int(len(unit) <= k), "partitions": len(members),
               "overlap": overlap, "largest_cell": max(sizes), "smallest_cell": min(sizes)}
     return neighbours, similarities, counts
+
+
+
+# ----------------------------------------------------------------------------------------------
+# The build from Parquet files: tasks read the vectors, the driver holds ids and similarities only
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Parquet files that hold the vectors of a sharded build: their URIs, the node id of each of their rows
+    (PAD: a row that is not a node, such as a failed image), the vector and uri columns, and the stage that
+    error messages name."""
+
+    uris: list[str]
+    nodes: list[np.ndarray]  # per file: int64 [rows of the file]
+    column: str
+    uri_column: str
+    where: str
+
+    @property
+    def n(self) -> int:
+        """Nodes over all files."""
+        return sum(int((rows != PAD).sum()) for rows in self.nodes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+    """A graph built from a Source: [n, k] neighbours (PAD) and cosines (NaN), counts as sharded_knn's, the
+    exact [q, k] cosines of the query nodes (for recall), and the largest peak RSS in bytes of each task kind."""
+
+    neighbours: np.ndarray
+    similarities: np.ndarray
+    counts: dict[str, int]
+    query_similarities: np.ndarray
+    peak_bytes: dict[str, int]
+
+
+def build_from_files(source: Source, k: int, partitions: int, scratch: str, queries: np.ndarray, *,
+                     exact_below: int = 4096, overlap: int = 2, probe: int = 0, seed: int = 0, n_jobs: int = -1,
+                     **approx: Any) -> Built:
+    """The cosine k-NN graph of the vectors in `source`, built as sharded_knn builds it (partitions >= 2), with
+    no process holding more than one file's or one cell's vectors.
+
+    Tasks read `sample_size` random nodes for k-means (and the `queries` nodes); one task per file checks its
+    vectors, assigns them to their `overlap` nearest cells (members) and their next nearest up to `probe`
+    (visitors), writes them to one Parquet file per cell under `scratch` (removed at the end) and searches the
+    queries exactly among them; one task per cell builds its members' k-NN and searches its visitors in it; the
+    driver merges the candidate lists as they come. Refuses (GraphInputError) null, NaN/inf or all-zero
+    vectors, naming uris, before any cell is built. Needs Ray initialised.
+    """
+    n = source.n
+    overlap = max(1, min(overlap, partitions - 1))
+    probe = max(overlap, min(probe, partitions))
+    picks = io.sample_positions(n, sample_size(n, partitions), seed)
+    wanted = np.union1d(picks, queries)
+    ids, sample = _read_nodes(source, wanted)
+    fit = sample[np.isin(ids, picks)]
+    if len(fit) < partitions:
+        raise knn.GraphInputError(f"{source.where}: only {len(fit)} of {len(picks)} sampled nodes have a usable "
+                                  f"vector, too few for {partitions} partitions; check the embeddings stage")
+    centres = fit_centres(fit, partitions, seed)
+    query_vectors = np.zeros((len(queries), sample.shape[1]), dtype=np.float32)
+    found = np.isin(queries, ids)
+    query_vectors[found] = sample[np.searchsorted(ids, queries[found])]
+    del sample, fit
+    try:
+        split = _split(source, centres, (overlap, probe), queries, query_vectors, k, scratch)
+        return _build_cells(n, k, split, scratch, exact_below, {**approx, "seed": seed}, n_jobs, (overlap, probe))
+    finally:
+        fs, path = io.url_to_fs(scratch)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+
+def _read_nodes(source: Source, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted node ids, float32 vectors) of the `wanted` nodes that have a usable vector, read by one task per
+    file that holds some."""
+    futures = [_take_file.remote(uri, np.where(np.isin(rows, wanted), rows, PAD), source.column)
+               for uri, rows in zip(source.uris, source.nodes, strict=True) if np.isin(rows, wanted).any()]
+    parts = ray.get(futures)
+    ids = np.concatenate([i for i, _ in parts])
+    order = np.argsort(ids)
+    return ids[order], np.concatenate([v for _, v in parts])[order]
+
+
+def _split(source: Source, centres: np.ndarray, reach: tuple[int, int], queries: np.ndarray,
+           query_vectors: np.ndarray, k: int, scratch: str) -> dict[str, Any]:
+    """One _split_file task per file; their cell sizes and query cosines summed up, or GraphInputError."""
+    centres_ref, queries_ref, vectors_ref = ray.put(centres), ray.put(queries), ray.put(query_vectors)
+    futures = [_split_file.remote(uri, rows, (source.column, source.uri_column), centres_ref, reach, queries_ref,
+                                  vectors_ref, k, scratch, f"file-{i:05d}.parquet")
+               for i, (uri, rows) in enumerate(zip(source.uris, source.nodes, strict=True))]
+    results = ray.get(futures)
+    problems: dict[str, list[Any]] = {}
+    for result in results:
+        for what, (count, examples) in result["problems"].items():
+            _note(problems, what, np.asarray(examples, dtype=object), count)
+    _refuse(problems, source.where)
+    sims = np.full((len(queries), k), np.nan, dtype=np.float32)
+    for result in results:
+        sims = _top_similarities(sims, result["query_similarities"], k)
+    return {"sizes": sum(r["sizes"] for r in results), "visitors": sum(r["visitors"] for r in results),
+            "query_similarities": sims,
+            "peak": max(r["peak"] for r in results)}
+
+
+def _refuse(problems: dict[str, list[Any]], where: str) -> None:
+    """Raise GraphInputError for the first kind of bad vector found, in embed.read_nodes' order and words."""
+    if "no embedding" in problems:
+        count, examples = problems["no embedding"]
+        raise knn.GraphInputError(f"{where}: {count} ok rows have no embedding, e.g. {examples}; re-run the embed job")
+    for what in ("NaN or infinite values", "all-zero vectors"):
+        if what in problems:
+            count, examples = problems[what]
+            raise knn.GraphInputError(f"{where}: {count} ok rows have {what}, e.g. {examples}; "
+                                      "fix or re-embed those images before building the graph")
+
+
+def _build_cells(n: int, k: int, split: dict[str, Any], scratch: str, exact_below: int, approx: dict[str, Any],
+                 n_jobs: int, reach: tuple[int, int]) -> Built:
+    """One _cell_task per non-empty cell; their candidate lists (members' and visitors') merged into [n, k] as
+    they finish."""
+    cells = [int(c) for c in np.flatnonzero(split["sizes"])]
+    task_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // len(cells))
+    options = {**approx, "n_jobs": task_cpus if n_jobs == -1 else n_jobs}
+    pending = [_cell_task.options(num_cpus=task_cpus).remote(scratch, c, k, exact_below, options) for c in cells]
+    neighbours = np.full((n, k), PAD, dtype=np.int64)
+    similarities = np.full((n, k), np.nan, dtype=np.float32)
+    peak = 0
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        *lists, task_peak = ray.get(done[0])
+        for nodes, ids, sims in (lists[:3], lists[3:]):
+            merged = _best_distinct(np.concatenate([neighbours[nodes], ids], axis=1),
+                                    np.concatenate([similarities[nodes], sims], axis=1), k, own=nodes)
+            neighbours[nodes], similarities[nodes] = merged
+        peak = max(peak, task_peak)
+    sizes = [int(s) for s in split["sizes"][cells]]
+    counts = {"groups": 1, "exact_groups": sum(s < exact_below for s in sizes),
+              "approximate_groups": sum(s >= exact_below for s in sizes),
+              "groups_smaller_than_k_plus_1": int(n <= k), "partitions": len(cells), "overlap": reach[0],
+              "largest_cell": max(sizes), "smallest_cell": min(sizes), "probe": reach[1],
+              "visitors": int(split["visitors"].sum())}
+    return Built(neighbours, similarities, counts, split["query_similarities"],
+                 {"split_task": split["peak"], "cell_task": peak})
+
+
+def _top_similarities(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
+    """The k largest of each row of a and b side by side, largest first, NaN last."""
+    both = np.nan_to_num(np.concatenate([a, b], axis=1), nan=-np.inf)
+    top = -np.sort(-both, axis=1)[:, :k]
+    return np.where(np.isneginf(top), np.nan, top).astype(np.float32)
+
+
+def _reset_peak() -> None:
+    """Start this process's peak-memory count afresh, so that a reused Ray worker reports one task's peak (Linux:
+    /proc/self/clear_refs); where that is refused, `_peak_bytes` stays the process's peak since it started."""
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_bytes() -> int:
+    """This process's peak resident memory in bytes since `_reset_peak` (VmHWM), or since it started."""
+    with contextlib.suppress(OSError, StopIteration, ValueError), open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _batches(uri: str, columns: list[str], rows: np.ndarray) -> Iterator[tuple[pa.RecordBatch, np.ndarray]]:
+    """(record batch of `columns`, the node id of each of its rows) over one Parquet file; non-node rows (PAD in
+    `rows`, one entry per row of the file) are dropped."""
+    fs, path = io.url_to_fs(uri)
+    offset = 0
+    with fs.open(path, "rb") as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=io.BATCH_ROWS, columns=columns):
+            node = rows[offset:offset + batch.num_rows]
+            offset += batch.num_rows
+            keep = node != PAD
+            if keep.any():
+                yield batch.filter(pa.array(keep)), node[keep]
+
+
+def _usable(batch: pa.RecordBatch, column: str, uri_column: str,
+            problems: dict[str, list[Any]]) -> np.ndarray | None:
+    """The batch's vectors as float32 [b, d], or None after noting its bad rows in `problems` (what -> [count,
+    first uris]): null vectors, NaN or infinite values, all zeros, as embed.read_nodes refuses them."""
+    vectors = batch.column(column)
+    uris = np.asarray(batch.column(uri_column).to_pylist(), dtype=object)
+    if vectors.null_count:
+        _note(problems, "no embedding", uris[np.asarray(vectors.is_null().to_pylist(), dtype=bool)])
+        return None
+    unit = from_arrow(vectors)
+    finite = np.isfinite(unit).all(axis=1)
+    nonzero = np.abs(unit).sum(axis=1) > 0
+    _note(problems, "NaN or infinite values", uris[~finite])
+    _note(problems, "all-zero vectors", uris[finite & ~nonzero])
+    return unit if finite.all() and nonzero.all() else None
+
+
+def _note(problems: dict[str, list[Any]], what: str, uris: np.ndarray, count: int | None = None) -> None:
+    """Add `count` (default len(uris)) bad rows of kind `what`, keeping the first three uris in sorted order."""
+    if len(uris):
+        total, examples = problems.get(what, [0, []])
+        problems[what] = [total + (len(uris) if count is None else count), sorted([*examples, *uris.tolist()])[:3]]
+
+
+@ray.remote
+def _take_file(uri: str, rows: np.ndarray, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """(node ids, float32 vectors) of the rows of one file whose `rows` entry is not PAD, those with a null,
+    non-finite or all-zero vector left out."""
+    ids, parts = [np.zeros(0, np.int64)], []
+    for batch, node in _batches(uri, [column], rows):
+        vectors = batch.column(column)
+        valid = np.asarray(vectors.is_valid().to_pylist(), dtype=bool)
+        unit = from_arrow(vectors.filter(pa.array(valid)))
+        good = np.isfinite(unit).all(axis=1) & (np.abs(unit).sum(axis=1) > 0)
+        ids.append(node[valid][good])
+        parts.append(unit[good])
+    return np.concatenate(ids), np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+@ray.remote
+def _split_file(uri: str, rows: np.ndarray, columns: tuple[str, str], centres: np.ndarray, reach: tuple[int, int],
+                queries: np.ndarray, query_vectors: np.ndarray, k: int, scratch: str, name: str) -> dict[str, Any]:
+    """One file's share of the split: its vectors (`columns`: vector and uri column) checked, each written with
+    its node id to its nearest cells (`<scratch>/cell-<c>/<name>`: one Parquet file per cell and input file), as
+    a member of the first `reach[0]` and a visitor of the next up to `reach[1]`, and the queries' k best exact
+    cosines among them (themselves excluded). Returns sizes and visitors [cells], problems, query_similarities,
+    peak."""
+    _reset_peak()
+    problems: dict[str, list[Any]] = {}
+    sizes, visitors = np.zeros(len(centres), dtype=np.int64), np.zeros(len(centres), dtype=np.int64)
+    best = np.full((len(queries), k), np.nan, dtype=np.float32)
+    writers: dict[str, pq.ParquetWriter] = {}
+    try:
+        for batch, node in _batches(uri, list(columns), rows):
+            unit = _usable(batch, *columns, problems)
+            if unit is None or problems:
+                continue
+            cells = nearest_cells(unit, centres, reach[1])
+            for cell in np.unique(cells):
+                mine = (cells == cell).any(axis=1)
+                member = (cells[mine, :reach[0]] == cell).any(axis=1)
+                _write_cell(writers, _cell_dir(scratch, int(cell)), name, node[mine], unit[mine], member)
+                sizes[cell] += int(member.sum())
+                visitors[cell] += int((~member).sum())
+            best = _top_similarities(best, _query_similarities(query_vectors, queries, unit, node, k), k)
+    finally:
+        for writer in writers.values():
+            writer.close()
+    return {"sizes": sizes, "visitors": visitors, "problems": problems, "query_similarities": best,
+            "peak": _peak_bytes()}
+
+
+def _write_cell(writers: dict[str, pq.ParquetWriter], cell_dir: str, name: str, node: np.ndarray,
+                unit: np.ndarray, member: np.ndarray) -> None:
+    """Append (node, vector, member) rows to the file `name` in `cell_dir`, opening it on first use."""
+    table = pa.table({"node": pa.array(node, pa.int64()), "vector": to_arrow(unit), "member": pa.array(member)})
+    if cell_dir not in writers:
+        fs, path = io.url_to_fs(cell_dir)
+        fs.makedirs(path, exist_ok=True)
+        writers[cell_dir] = pq.ParquetWriter(posixpath.join(path, name), table.schema, filesystem=fs)
+    writers[cell_dir].write_table(table)
+
+
+def _cell_dir(scratch: str, cell: int) -> str:
+    """Where the split writes the rows of `cell`."""
+    return io.join(scratch, f"cell-{cell:05d}")
+
+
+def _query_similarities(query_vectors: np.ndarray, queries: np.ndarray, unit: np.ndarray, node: np.ndarray,
+                        k: int) -> np.ndarray:
+    """[q, k] best exact cosines of each query among the rows `unit` (node ids `node`), the query itself left out."""
+    if len(queries) == 0:
+        return np.zeros((0, k), dtype=np.float32)
+    ids, sims = exact_topk(query_vectors, unit, min(k + 1, len(unit)))
+    own = (np.where(ids == PAD, PAD, node[np.where(ids == PAD, 0, ids)]) == queries[:, None]) | (ids == PAD)
+    return _top_similarities(np.where(own, np.nan, sims), np.full((len(queries), k), np.nan, np.float32), k)
+
+
+@ray.remote
+def _cell_task(scratch: str, cell: int, k: int, exact_below: int, approx: dict[str, Any]
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """One cell from its Parquet files: its members' k-NN and its visitors' k nearest members (exact below
+    `exact_below` members, else pynndescent's graph and search), as (member ids, [m, k] neighbour ids, cosines,
+    visitor ids, [v, k] neighbour ids, cosines, peak bytes), all node ids."""
+    _reset_peak()
+    table = pa.concat_tables(_read_parquet(uri) for uri in io.list_parquet(_cell_dir(scratch, cell)))
+    table = table.sort_by("node")
+    member = table["member"].to_numpy(zero_copy_only=False)
+    nodes = table["node"].to_numpy()
+    unit = from_arrow(table["vector"])
+    del table
+    members, visitors, inside, outside = nodes[member], nodes[~member], unit[member], unit[~member]
+    del unit
+    if len(members) < exact_below:
+        (local, sims), (found, found_sims) = exact_knn(inside, k), exact_topk(outside, inside, k)
+    else:
+        (local, sims), (found, found_sims) = approximate_search(inside, outside, k, **approx)
+    return (members, _global(members, local), sims, visitors, _global(members, found), found_sims,
+            _peak_bytes())
+
+
+def _global(members: np.ndarray, local: np.ndarray) -> np.ndarray:
+    """Cell-local row ids (PAD kept) as node ids."""
+    return np.where(local == PAD, PAD, members[np.where(local == PAD, 0, local)])
+
+
+def _read_parquet(uri: str) -> pa.Table:
+    """One whole Parquet file."""
+    fs, path = io.url_to_fs(uri)
+    return pq.read_table(path, filesystem=fs)

@@ -86,6 +86,31 @@ def approximate_knn(unit: np.ndarray, k: int, metric: str = "cosine", n_jobs: in
     return neighbours, similarities_of(unit, neighbours)
 
 
+def approximate_search(unit: np.ndarray, queries: np.ndarray, k: int, metric: str = "cosine", n_jobs: int = -1,
+                       seed: int = 0, build_k: int = 0) -> tuple[tuple[np.ndarray, np.ndarray],
+                                                                 tuple[np.ndarray, np.ndarray]]:
+    """(the rows' k-NN as approximate_knn gives it, ([q, k] row ids, cosines) of the `queries` (not rows of
+    `unit`) searched in the same pynndescent index); PAD / NaN where fewer than k."""
+    import pynndescent
+
+    build_k = build_k or max(2 * k, 30)
+    index = pynndescent.NNDescent(
+        np.ascontiguousarray(unit, dtype=np.float32), n_neighbors=min(build_k, len(unit)), metric=metric,
+        random_state=seed, n_jobs=None if n_jobs == -1 else n_jobs, low_memory=True,
+    )
+    neighbours = drop_self(index.neighbor_graph[0].astype(np.int64), k)
+    found = np.full((len(queries), k), PAD, dtype=np.int64)
+    if len(queries):
+        width = min(k, len(unit))
+        found[:, :width] = index.query(np.ascontiguousarray(queries, dtype=np.float32), k=width)[0]
+    found_sims = np.full(found.shape, np.nan, dtype=np.float32)
+    for rows in row_chunks(len(found), block_rows(k * unit.shape[1])):
+        safe = np.where(found[rows] == PAD, 0, found[rows])
+        sims = np.einsum("qkd,qd->qk", unit[safe], np.asarray(queries[rows], dtype=np.float32))
+        found_sims[rows] = np.where(found[rows] == PAD, np.nan, sims)
+    return (neighbours, similarities_of(unit, neighbours)), (found, found_sims)
+
+
 def drop_self(candidates: np.ndarray, k: int) -> np.ndarray:
     """The first k entries of each row that are not the row's own id (or PAD); rows short of k are PAD-filled."""
     own = np.arange(len(candidates))[:, None]

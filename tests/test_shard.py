@@ -1,15 +1,18 @@
 """The sharded k-NN build (gatrep.shard): cell assignment, merging by hand, recall against exact search, one
-partition as the single build, and the graph job with --partitions."""
+partition as the single build, the graph job with --partitions, whose driver reads no vector, and --probe."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from gatrep import cli, io, knn, schemas, shard
 from gatrep.config import ConfigError, GraphConfig
+from gatrep.stages import graph as graph_stage
 from gatrep.vectors import PAD, exact_knn, normalise
 
 pytestmark = pytest.mark.usefixtures("local_ray")
@@ -105,6 +108,8 @@ def test_graph_config_refuses_partitions_with_groups_or_updates() -> None:
     with pytest.raises(ConfigError, match=">= 0"):
         GraphConfig(run="r", partitions=-1)
     assert GraphConfig(run="r", partitions=1, group_by="listing").partitions == 1
+    with pytest.raises(ConfigError, match="probe 0 or >= overlap"):
+        GraphConfig(run="r", partitions=4, overlap=3, probe=2)
 
 
 def test_graph_job_with_two_partitions_finds_each_cluster(clustered, write_embeddings, tmp_path: Path,
@@ -120,3 +125,83 @@ def test_graph_job_with_two_partitions_finds_each_cluster(clustered, write_embed
     assert manifest["config"]["partitions"] == 2 and manifest["counts"]["partitions"] == 2
     assert manifest["recall"]["value"] == 1.0 and manifest["counts"]["edges"] == 600
     assert "2 cells of" in capsys.readouterr().out
+
+
+def _three_file_stage(run: str, vectors: np.ndarray, write_embeddings) -> list[str]:
+    """Publish `vectors` as an embeddings stage of three files whose rows are not in uri order, with a failed row
+    (no vector) before every 50th; returns the image ids of the ok rows by uri, which are in the order of
+    `vectors`: node i is vectors[i]."""
+    failed = np.arange(len(vectors)) % 50 == 0
+    padded = np.insert(vectors, np.flatnonzero(failed), 0.0, axis=0)
+    status = np.full(len(padded), schemas.OK, dtype=object)
+    status[np.flatnonzero(failed) + np.arange(failed.sum())] = schemas.UNREADABLE
+    stage = write_embeddings(run, padded, status=status.tolist(), publish=False)
+    table, = [pq.read_table(f) for f in Path(stage).glob("run-*/*.parquet")]
+    order = np.random.default_rng(1).permutation(table.num_rows)
+    run_dir = io.new_run_dir(stage)
+    files = [io.write_table(table.take(part), run_dir, f"part-{i}.parquet")
+             for i, part in enumerate(np.array_split(order, 3))]
+    io.publish(stage, schemas.EMBEDDINGS, files, config={"test": True}, rows=table.num_rows)
+    return [f"id-{i}" for i in np.flatnonzero(status == schemas.OK)]
+
+
+def test_sharded_graph_stage_reads_no_vector_in_the_driver(write_embeddings, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # The loose clusters of the test above, in three files with failed rows between them; the driver may read
+    # ids and uris but never a vector: read_nodes and any read of the embedding column fail the test.
+    rng = np.random.default_rng(0)
+    vectors = normalise(np.repeat(rng.standard_normal((30, 32)), 100, axis=0) + rng.standard_normal((3_000, 32)))
+    run = str(tmp_path)
+    image_ids = _three_file_stage(run, vectors, write_embeddings)
+    read_table = io.read_table
+
+    def ids_only(stage_uri: str, stage: str, table: str | None = None, columns: list[str] | None = None) -> Any:
+        assert stage != schemas.EMBEDDINGS or (columns and schemas.EMBEDDING not in columns), "driver read vectors"
+        return read_table(stage_uri, stage, table, columns)
+
+    monkeypatch.setattr(graph_stage, "read_nodes", lambda *a: pytest.fail("the sharded driver called read_nodes"))
+    monkeypatch.setattr(io, "read_table", ids_only)
+    manifest = graph_stage.run(GraphConfig(run=run, k=10, partitions=4, n_jobs=1, recall_sample=300))
+    monkeypatch.undo()
+    built = graph_stage.read_graph(io.join(run, "graph"))
+    assert built.image_id.tolist() == image_ids and built.node.tolist() == list(range(3_000))
+    exact, _ = exact_knn(vectors, 10)
+    assert _recall(built.neighbours, exact) >= 0.95
+    assert manifest["counts"]["partitions"] == 4 and manifest["rows"] == 3_000
+    groups = np.zeros(3_000, dtype=object)
+    assert manifest["recall"]["value"] == pytest.approx(knn.recall_at_k(vectors, built.neighbours, groups, 300))
+    np.testing.assert_allclose(built.similarities, np.einsum("nkd,nd->nk", vectors[built.neighbours], vectors),
+                               atol=1e-5)
+    published = Path(manifest["files"][0]).parent.name
+    assert [p.name for p in (tmp_path / "graph").glob("run-*")] == [published], "the cells' scratch folder is gone"
+
+
+def test_sharded_graph_stage_refuses_bad_vectors_before_building(clustered, write_embeddings,
+                                                                  tmp_path: Path) -> None:
+    vectors = clustered(20, 6, dim=16)
+    vectors[[7, 90]] = np.nan
+    run = str(tmp_path)
+    write_embeddings(run, vectors)
+    with pytest.raises(knn.GraphInputError, match=r"2 ok rows have NaN or infinite values, e\.g\. "
+                                                  r"\['mem://imgs/img-0007.png', 'mem://imgs/img-0090.png'\]"):
+        graph_stage.run(GraphConfig(run=run, k=5, partitions=3, n_jobs=1))
+    assert not (tmp_path / "graph" / "_manifest.json").exists()
+    assert not list((tmp_path / "graph").glob("run-*/cell-*")), "the cells' scratch folder is removed"
+
+
+def test_probing_more_cells_than_a_node_is_built_in_finds_neighbours_across_cells(write_embeddings,
+                                                                                   tmp_path: Path) -> None:
+    # Six cells, each node built in its nearest one only: its neighbours across the boundary are lost, unless it
+    # is also searched in its next two cells (as a visitor there: 2 visits per node).
+    rng = np.random.default_rng(0)
+    vectors = normalise(np.repeat(rng.standard_normal((30, 32)), 60, axis=0) + rng.standard_normal((1_800, 32)))
+    run = str(tmp_path)
+    write_embeddings(run, vectors)
+    exact, _ = exact_knn(vectors, 10)
+    recall = {}
+    for probe in (1, 3):
+        manifest = graph_stage.run(GraphConfig(run=run, k=10, partitions=6, overlap=1, probe=probe, n_jobs=1))
+        recall[probe] = _recall(graph_stage.read_graph(io.join(run, "graph")).neighbours, exact)
+        assert manifest["counts"]["visitors"] == 1_800 * (probe - 1)
+        assert manifest["recall"]["value"] == pytest.approx(recall[probe], abs=0.05), "sampled recall agrees"
+    assert recall[3] >= recall[1] + 0.1 and recall[3] >= 0.9, recall
