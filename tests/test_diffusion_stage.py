@@ -106,6 +106,18 @@ def test_query_latents_are_the_qfe_of_the_indexed_images(run: str, tmp_path: Pat
         ids = [int(m["image_id"].split("-")[1]) for m in row["matches"]]
         np.testing.assert_allclose([m["score"] for m in row["matches"]], scores[b, ids], atol=1e-5)
         np.testing.assert_allclose(sorted(scores[b], reverse=True)[:5], scores[b, ids], atol=1e-5)
+    # jobs.evaluate judges whole-index retrieval like any other results: precision@5 is the share of each query's
+    # 5 matches that carry its category.
+    assert cli.run_job("evaluate", ["--run", run, "--k", "5"]) == 0
+    evaluation = io.join(run, "evaluation")
+    document = json.loads(io.read_text_file(evaluation, io.read_manifest(evaluation, schemas.EVALUATION),
+                                            schemas.EVALUATION_FILE) or "")
+    (method,) = document["methods"]
+    category_of = train.load_inputs(run).category
+    precision = np.mean([np.mean([category_of[int(m["image_id"].split("-")[1])] == row["label"]
+                                  for m in row["matches"]]) for row in rows])
+    assert method["categorization"]["accuracy"] == pytest.approx(accuracy)
+    assert method["retrieval"]["precision"] == pytest.approx(precision) and precision > 0.5
     # The query stage's encoder, over what it reads (raw embeddings, latents) and the stored QFE settings, gives
     # exactly that latent.
     cfg = QueryConfig(run=run, input=queries, index="index")
