@@ -107,20 +107,12 @@ def decode_forward_rate(backbone: str, weights: str, uris: list[str], batch: int
 
 
 def image_files(args: argparse.Namespace) -> tuple[str, list[str]]:
-    """The JPEG tree for `args` (written once, cached) and its files. Past the split's size, files are hard links
-    to the written ones, under other names."""
-    from gatrep import datasets, io
+    """The JPEG tree for `args` (written once, cached) and its files; past the split's size, hard links."""
+    from gatrep import datasets
 
     data = os.path.join(args.data, f"{args.split}-{args.images}x{args.size}")
-    if not os.path.isdir(data):
-        datasets.write_fashion_mnist(data + ".tmp", split=args.split, size=args.size, fmt="jpg", limit=args.images,
-                                     source=args.fashion_source)
-        written = io.discover_inputs(data + ".tmp")["uri"].to_pylist()
-        for n in range(len(written), args.images):
-            base, ext = os.path.splitext(written[n % len(written)])
-            os.link(written[n % len(written)], f"{base}-copy{n // len(written)}{ext}")
-        os.rename(data + ".tmp", data)
-    return data, io.discover_inputs(data)["uri"].to_pylist()
+    return data, datasets.write_fashion_mnist_copies(data, args.images, split=args.split, size=args.size,
+                                                    fmt="jpg", source=args.fashion_source)
 
 
 def weights_for(backbone: str) -> str:

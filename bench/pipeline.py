@@ -65,16 +65,10 @@ def stop_head(temp: str) -> None:
 
 def write_inputs(root: str, n: int, size: int) -> tuple[str, str]:
     """(index tree of n images, query tree of n/10), written once."""
-    from gatrep import datasets, io
+    from gatrep import datasets
 
     index, queries = os.path.join(root, f"index-{n}"), os.path.join(root, f"queries-{n}")
-    if not os.path.isdir(index):
-        datasets.write_fashion_mnist(index + ".tmp", split="train", size=size, fmt="png", limit=min(n, 60_000))
-        written = io.discover_inputs(index + ".tmp")["uri"].to_pylist()
-        for i in range(len(written), n):
-            base, ext = os.path.splitext(written[i % len(written)])
-            os.link(written[i % len(written)], f"{base}-copy{i // len(written)}{ext}")
-        os.rename(index + ".tmp", index)
+    datasets.write_fashion_mnist_copies(index, n, split="train", size=size, fmt="png")
     if not os.path.isdir(queries):
         datasets.write_fashion_mnist(queries, split="test", size=size, fmt="png", limit=min(max(n // 10, 100), 10_000))
     return index, queries

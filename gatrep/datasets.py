@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import posixpath
 import sys
 import time
@@ -141,6 +142,21 @@ def write_fashion_mnist(root: str, split: str = "train", size: int = 256, fmt: s
     params = {"dataset": "fashion-mnist", "split": split, "size": size, "fmt": fmt, "limit": limit,
               "per_class": per_class, "seed": seed, "source": source, "role": "index"}
     return _write_tree(root, data, rows, render, params, overwrite)
+
+
+def write_fashion_mnist_copies(root: str, count: int, split: str = "train", size: int = 256, fmt: str = "jpg",
+                               source: str = FASHION_MNIST_DIR) -> list[str]:
+    """`count` image files under the local folder `root`, for benchmarks at scale: the split's images (at most
+    `count`), then hard links to them under other names (`<name>-copy<k>`) until there are `count`, each read,
+    hashed and embedded like any file. Written once: an existing `root` is kept as it is. Returns its files."""
+    if not os.path.isdir(root):
+        write_fashion_mnist(root + ".tmp", split=split, size=size, fmt=fmt, limit=count, source=source)
+        written = gio.discover_inputs(root + ".tmp")["uri"].to_pylist()
+        for n in range(len(written), count):
+            base, ext = os.path.splitext(written[n % len(written)])
+            os.link(written[n % len(written)], f"{base}-copy{n // len(written)}{ext}")
+        os.rename(root + ".tmp", root)
+    return gio.discover_inputs(root)["uri"].to_pylist()
 
 
 def write_photo_tiles(root: str, tile: int = 64, size: int = 128, per_category: int = 40, holdout: float = 0.0,

@@ -147,12 +147,12 @@ class Embedder:
             return batch[PIXELS][ok]
         rows = np.flatnonzero(ok)
         pixels, failed = self.decoder(batch[PAYLOAD][rows], batch[JPEG][rows])
+        for name in (schemas.WIDTH, schemas.HEIGHT) if failed else ():  # float: NaN (null) for unknown sizes
+            batch[name] = batch[name].astype(float)
         for i, decoded in failed.items():
             ok[rows[i]] = False
             batch[schemas.STATUS][rows[i]], batch[schemas.ERROR][rows[i]] = decoded.status, decoded.error
-            for name in (schemas.WIDTH, schemas.HEIGHT):  # as images.decode leaves them: unknown (NaN: null)
-                batch[name] = batch[name].astype(float)
-                batch[name][rows[i]] = np.nan
+            batch[schemas.WIDTH][rows[i]] = batch[schemas.HEIGHT][rows[i]] = np.nan  # as images.decode leaves them
         if failed:
             pixels = pixels[[i for i in range(len(rows)) if i not in failed]]
         return pixels if hasattr(self.encoder, "device") else pixels.cpu().numpy()
