@@ -16,13 +16,14 @@ Prints figures; asserts nothing.
 With --partitions (e.g. 1,4,16) it measures the graph stage instead, on a published embeddings stage of the
 synthetic vectors (written once per N and dim under --workdir, in files of 100,000 rows):
 
-    nice -n 10 python bench/graph.py --sizes 300000 --dim 512 --partitions 1,4,16
+    nice -n 10 python bench/graph.py --sizes 300000 --dim 512 --partitions 1,4,16 --refine 0,1
 
-Each partition count runs `gatrep.stages.graph.run` in a fresh subprocess (1: the single build, which reads
-every vector; more: Ray tasks on a local instance of --cpus CPUs read them). Reported: wall time of the stage,
-recall@k of the published graph on the manifest's 1,000-node sample against exact search, the driver's peak RSS
-(ru_maxrss of the subprocess, Ray's client included when sharded), and the largest peak RSS of one cell task and
-of one file-split task (VmHWM of the Ray worker, reset when each task starts).
+Each partition count (and, sharded, each --refine count) runs `gatrep.stages.graph.run` in a fresh subprocess
+(1: the single build, which reads every vector; more: Ray tasks on a local instance of --cpus CPUs read them).
+Reported: wall time of the stage, recall@k of the published graph on the manifest's 1,000-node sample against
+exact search, the driver's peak RSS (ru_maxrss of the subprocess, Ray's client included when sharded), and the
+largest peak RSS of one cell task, one file-split task and one refinement task (VmHWM of the Ray worker, reset
+when each task starts).
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def embeddings_table(vectors: np.ndarray, first: int) -> pa.Table:
     }, schema=schemas.embeddings(vectors.shape[1]))
 
 
-def measure_stage(args: argparse.Namespace, n: int, partitions: int) -> dict:
+def measure_stage(args: argparse.Namespace, n: int, partitions: int, refine: int) -> dict:
     """One graph stage build of the prepared stage in this process: wall time, recall, peak memory."""
     from gatrep.config import GraphConfig
     from gatrep.stages import graph as graph_stage
@@ -166,17 +167,19 @@ def measure_stage(args: argparse.Namespace, n: int, partitions: int) -> dict:
     before = resident_bytes()
     start = time.perf_counter()
     manifest = graph_stage.run(GraphConfig(run=str(run), k=args.k, partitions=partitions, overlap=args.overlap,
-                                           probe=args.probe, recall_sample=args.recall_sample, n_jobs=args.n_jobs,
+                                           probe=args.probe, refine=refine,
+                                           recall_sample=args.recall_sample, n_jobs=args.n_jobs,
                                            build_k=args.build_k))
     counts, gib = manifest["counts"], 1 << 30
     return {"nodes": n, "dim": args.dim, "partitions": partitions, "overlap": counts.get("overlap", 0),
-            "probe": counts.get("probe", 0),
+            "probe": counts.get("probe", 0), "refine": counts.get("refine", 0),
             "wall_s": round(time.perf_counter() - start, 1), "build_s": manifest["timings"]["build"],
             f"recall@{args.k}": round(manifest["recall"]["value"], 4),
             "driver_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gib, 2),
             "driver_before_gib": round(before / gib, 2),
             "cell_task_gib": round(counts.get("peak_cell_task_bytes", 0) / gib, 2),
             "split_task_gib": round(counts.get("peak_split_task_bytes", 0) / gib, 2),
+            "refine_task_gib": round(counts.get("peak_refine_task_bytes", 0) / gib, 2),
             "largest_cell": counts.get("largest_cell", n)}
 
 
@@ -188,17 +191,17 @@ def resident_bytes() -> int:
 
 def print_stage_table(rows: list[dict], k: int) -> None:
     """The graph stage figures, one line per (N, partitions)."""
-    print(f"{'nodes':>9} {'dim':>5} {'parts':>5} {'overlap':>7} {'probe':>5} {'wall s':>8} {'build s':>8} "
-          f"{f'recall@{k}':>10} {'driver GiB':>10} {'(before)':>8} {'cell task GiB':>13} {'split task GiB':>14} "
-          f"{'largest cell':>12}")
+    print(f"{'nodes':>9} {'dim':>5} {'parts':>5} {'overlap':>7} {'probe':>5} {'refine':>6} {'wall s':>8} "
+          f"{'build s':>8} {f'recall@{k}':>10} {'driver GiB':>10} {'(before)':>8} {'cell task GiB':>13} "
+          f"{'split task GiB':>14} {'refine task GiB':>15} {'largest cell':>12}")
     for r in rows:
         if "error" in r:
             print(f"{r['nodes']:>9} {'':>5} {r['partitions']:>5}  failed: {r['error']}")
             continue
         print(f"{r['nodes']:>9} {r['dim']:>5} {r['partitions']:>5} {r['overlap']:>7} {r['probe']:>5} "
-              f"{r['wall_s']:>8.1f} {r['build_s']:>8.1f} {r[f'recall@{k}']:>10.4f} {r['driver_gib']:>10.2f} "
-              f"{r['driver_before_gib']:>8.2f} {r['cell_task_gib']:>13.2f} {r['split_task_gib']:>14.2f} "
-              f"{r['largest_cell']:>12}")
+              f"{r['refine']:>6} {r['wall_s']:>8.1f} {r['build_s']:>8.1f} {r[f'recall@{k}']:>10.4f} "
+              f"{r['driver_gib']:>10.2f} {r['driver_before_gib']:>8.2f} {r['cell_task_gib']:>13.2f} "
+              f"{r['split_task_gib']:>14.2f} {r['refine_task_gib']:>15.2f} {r['largest_cell']:>12}")
     print("partitions 1: the single build in the driver (no Ray, no tasks); GiB: peak resident memory; (before): "
           "the driver's resident memory when the stage started (imports, Ray client)")
 
@@ -240,6 +243,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                                                      "(1 = the single build) instead of pynndescent alone")
     p.add_argument("--overlap", type=int, default=3, help="with --partitions: cells each node is built in")
     p.add_argument("--probe", type=int, default=0, help="with --partitions: cells each node is searched in")
+    p.add_argument("--refine", default="1", help="with --partitions: comma-separated refinement rounds to compare "
+                                                 "(neighbours of neighbours, exact; each value a run)")
     p.add_argument("--cpus", type=int, default=None, help="with --partitions: CPUs of the local Ray instance")
     p.add_argument("--workdir", default=str(CACHE), help="with --partitions: where the embeddings stages are kept")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -253,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.child:
         what, n, *rest = args.child.split(":")
-        result = (prepare_stage(args, int(n)) if what == "prepare" else measure_stage(args, int(n), int(rest[0]))
+        result = (prepare_stage(args, int(n)) if what == "prepare"
+                  else measure_stage(args, int(n), int(rest[0]), int(rest[1]))
                   if what == "stage" else measure(args, what, int(n)))
         print(json.dumps(result), flush=True)
         return 0
@@ -282,9 +288,11 @@ def main_stage(argv: list[str], args: argparse.Namespace) -> int:
         print(json.dumps(run_child(__file__, argv, f"prepare:{n}", {"nodes": n})),
               f"({time.perf_counter() - start:.0f} s wall)", flush=True)
         for partitions in [int(p) for p in args.partitions.split(",")]:
-            start = time.perf_counter()
-            rows.append(run_child(__file__, argv, f"stage:{n}:{partitions}", {"nodes": n, "partitions": partitions}))
-            print(json.dumps(rows[-1]), f"({time.perf_counter() - start:.0f} s wall)", flush=True)
+            for refine in [int(r) for r in args.refine.split(",")] if partitions != 1 else [0]:
+                start = time.perf_counter()
+                rows.append(run_child(__file__, argv, f"stage:{n}:{partitions}:{refine}",
+                                      {"nodes": n, "partitions": partitions}))
+                print(json.dumps(rows[-1]), f"({time.perf_counter() - start:.0f} s wall)", flush=True)
     print_stage_table(rows, args.k)
     return 0
 

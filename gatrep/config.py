@@ -174,6 +174,11 @@ class GraphConfig:
                                      "cells (where it is built) and the next ones (a pynndescent search of their "
                                      "index); 0 = --overlap"},
     )
+    refine: int = dataclasses.field(
+        default=1, metadata={"help": "with --partitions: rounds of refinement after the cells are merged, each giving "
+                                     "every node the k best of its neighbours and their neighbours by exact cosine "
+                                     "(finds neighbours that shared no cell with it); 0 = none"},
+    )
 
     def __post_init__(self) -> None:
         if self.k <= 0:
@@ -192,6 +197,8 @@ class GraphConfig:
             raise ConfigError("--update-from updates a plain k-NN graph: it needs --group-by none and no --mutual")
         if self.partitions < 0:
             raise ConfigError(f"partitions must be >= 0 (0 = chosen from the data), not {self.partitions}")
+        if self.refine < 0:
+            raise ConfigError(f"refine must be >= 0, not {self.refine}")
         if self.overlap < 1 or self.probe and self.probe < self.overlap:
             raise ConfigError(f"overlap must be >= 1 and probe 0 or >= overlap, not {self.overlap} and {self.probe}")
         if self.partitions != 1 and (self.update_from or self.group_by != "none"):

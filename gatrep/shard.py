@@ -226,8 +226,8 @@ class Built:
 
 
 def build_from_files(source: Source, k: int, partitions: int, scratch: str, queries: np.ndarray, *,
-                     exact_below: int = 4096, overlap: int = 2, probe: int = 0, seed: int = 0, n_jobs: int = -1,
-                     **approx: Any) -> Built:
+                     exact_below: int = 4096, overlap: int = 2, probe: int = 0, refine: int = 1, seed: int = 0,
+                     n_jobs: int = -1, **approx: Any) -> Built:
     """The cosine k-NN graph of the vectors in `source`, built as sharded_knn builds it (partitions >= 2), with
     no process holding more than one file's or one cell's vectors.
 
@@ -235,8 +235,10 @@ def build_from_files(source: Source, k: int, partitions: int, scratch: str, quer
     vectors, assigns them to their `overlap` nearest cells (members) and their next nearest up to `probe`
     (visitors), writes them to one Parquet file per cell under `scratch` (removed at the end) and searches the
     queries exactly among them; one task per cell builds its members' k-NN and searches its visitors in it; the
-    driver merges the candidate lists as they come. Refuses (GraphInputError) null, NaN/inf or all-zero
-    vectors, naming uris, before any cell is built. Needs Ray initialised.
+    driver merges the candidate lists as they come. Then `refine` rounds of `_refine_cell` tasks, one per cell,
+    each give its home nodes (those whose nearest cell it is) the k best of their neighbours and their neighbours'
+    neighbours by exact cosine. Refuses (GraphInputError) null, NaN/inf or all-zero vectors, naming uris, before
+    any cell is built. Needs Ray initialised.
     """
     n = source.n
     overlap = max(1, min(overlap, partitions - 1))
@@ -255,7 +257,10 @@ def build_from_files(source: Source, k: int, partitions: int, scratch: str, quer
     del sample, fit
     try:
         split = _split(source, centres, (overlap, probe), queries, query_vectors, k, scratch)
-        return _build_cells(n, k, split, scratch, exact_below, {**approx, "seed": seed}, n_jobs, (overlap, probe))
+        built = _build_cells(n, k, split, scratch, exact_below, {**approx, "seed": seed}, n_jobs, (overlap, probe))
+        if refine:
+            built = _refine(built, split["home"], scratch, refine)
+        return dataclasses.replace(built, counts={**built.counts, "refine": refine})
     finally:
         fs, path = io.url_to_fs(scratch)
         if fs.exists(path):
@@ -275,7 +280,8 @@ def _read_nodes(source: Source, wanted: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 def _split(source: Source, centres: np.ndarray, reach: tuple[int, int], queries: np.ndarray,
            query_vectors: np.ndarray, k: int, scratch: str) -> dict[str, Any]:
-    """One _split_file task per file; their cell sizes and query cosines summed up, or GraphInputError."""
+    """One _split_file task per file; their cell sizes and query cosines summed up, and each node's home cell (its
+    nearest), or GraphInputError."""
     centres_ref, queries_ref, vectors_ref = ray.put(centres), ray.put(queries), ray.put(query_vectors)
     futures = [_split_file.remote(uri, rows, (source.column, source.uri_column), centres_ref, reach, queries_ref,
                                   vectors_ref, k, scratch, f"file-{i:05d}.parquet")
@@ -289,8 +295,11 @@ def _split(source: Source, centres: np.ndarray, reach: tuple[int, int], queries:
     sims = np.full((len(queries), k), np.nan, dtype=np.float32)
     for result in results:
         sims = _top_similarities(sims, result["query_similarities"], k)
+    home = np.full(source.n, -1, dtype=np.int32)
+    for result in results:
+        home[result["nodes"]] = result["home"]
     return {"sizes": sum(r["sizes"] for r in results), "visitors": sum(r["visitors"] for r in results),
-            "query_similarities": sims,
+            "query_similarities": sims, "home": home,
             "peak": max(r["peak"] for r in results)}
 
 
@@ -333,6 +342,66 @@ def _build_cells(n: int, k: int, split: dict[str, Any], scratch: str, exact_belo
               "visitors": int(split["visitors"].sum())}
     return Built(neighbours, similarities, counts, split["query_similarities"],
                  {"split_task": split["peak"], "cell_task": peak})
+
+
+def _refine(built: Built, home: np.ndarray, scratch: str, rounds: int) -> Built:
+    """`rounds` rounds of NN-descent's join over forward edges: each node's list becomes the k best, by exact cosine,
+    of its neighbours and their neighbours, so that a neighbour that shared no cell with it is found through a
+    neighbour they share. Each cell's home nodes (those whose nearest cell it is) and vectors are put in the object
+    store once by a `_home_rows` task; one `_refine_cell` task per cell refines its home nodes, taking the vectors
+    of their candidates from the cells that hold them. The driver holds object references, ids and cosines."""
+    cells = [int(c) for c in np.unique(home)]
+    homes = {cell: _home_rows.remote(scratch, cell) for cell in cells}  # the values stay in the object store
+    peak = 0
+    for _ in range(rounds):
+        graph_ref, home_ref = ray.put(built.neighbours), ray.put(home)
+        pending = [_refine_cell.remote(homes[cell], graph_ref, home_ref, homes) for cell in cells]
+        neighbours, similarities = built.neighbours.copy(), built.similarities.copy()
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            nodes, ids, sims, task_peak = ray.get(done[0])
+            neighbours[nodes], similarities[nodes] = ids, sims
+            peak = max(peak, task_peak)
+        built = dataclasses.replace(built, neighbours=neighbours, similarities=similarities)
+    return dataclasses.replace(built, peak_bytes={**built.peak_bytes, "refine_task": peak})
+
+
+@ray.remote
+def _home_rows(scratch: str, cell: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted node ids, vectors) of the home nodes of `cell`, from its scratch files."""
+    table = pa.concat_tables(_read_parquet(uri) for uri in io.list_parquet(_cell_dir(scratch, cell)))
+    table = table.filter(table["home"]).sort_by("node")
+    return table["node"].to_numpy(), from_arrow(table["vector"])
+
+
+@ray.remote
+def _refine_cell(own: tuple[np.ndarray, np.ndarray], graph: np.ndarray, home: np.ndarray,
+                 homes: dict[int, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The `own` home nodes of one cell (ids, vectors), their [m, k] refined neighbours and cosines (see `_refine`),
+    and this task's peak bytes. `homes`: every cell's `_home_rows` reference, fetched for the cells that hold a
+    candidate."""
+    _reset_peak()
+    mine, mine_vecs = own
+    first = graph[mine]
+    second = np.where((first == PAD)[:, :, None], PAD, graph[np.where(first == PAD, 0, first)])
+    candidates = np.concatenate([first, second.reshape(len(mine), -1)], axis=1)
+    wanted = np.unique(candidates)
+    wanted = wanted[wanted != PAD]
+    if len(wanted) == 0:  # no node of the cell has a neighbour yet: nothing to refine
+        return mine, first, np.full(first.shape, np.nan, dtype=np.float32), _peak_bytes()
+    vecs = np.empty((len(wanted), mine_vecs.shape[1]), dtype=np.float32)
+    for cell in np.unique(home[wanted]):
+        nodes, cell_vecs = ray.get(homes[int(cell)])
+        here = np.flatnonzero(home[wanted] == cell)
+        vecs[here] = cell_vecs[np.searchsorted(nodes, wanted[here])]
+    sims = np.full(candidates.shape, np.nan, dtype=np.float32)
+    step = max(1, (32 << 20) // (candidates.shape[1] * vecs.shape[1]))  # ~128 MB of gathered vectors at once
+    for start in range(0, len(mine), step):
+        block = candidates[start:start + step]
+        gathered = vecs[np.searchsorted(wanted, np.where(block == PAD, wanted[0], block))]
+        scores = np.einsum("bwd,bd->bw", gathered, mine_vecs[start:start + step])
+        sims[start:start + step] = np.where(block == PAD, np.nan, scores)
+    return (mine, *_best_distinct(candidates, sims, graph.shape[1], own=mine), _peak_bytes())
 
 
 def _top_similarities(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
@@ -416,9 +485,10 @@ def _split_file(uri: str, rows: np.ndarray, columns: tuple[str, str], centres: n
     its node id to its nearest cells (`<scratch>/cell-<c>/<name>`: one Parquet file per cell and input file), as
     a member of the first `reach[0]` and a visitor of the next up to `reach[1]`, and the queries' k best exact
     cosines among them (themselves excluded). Returns sizes and visitors [cells], problems, query_similarities,
-    peak."""
+    the file's nodes and their home (nearest) cells, peak."""
     _reset_peak()
     problems: dict[str, list[Any]] = {}
+    nodes, homes = [np.zeros(0, np.int64)], [np.zeros(0, np.int32)]
     sizes, visitors = np.zeros(len(centres), dtype=np.int64), np.zeros(len(centres), dtype=np.int64)
     best = np.full((len(queries), k), np.nan, dtype=np.float32)
     writers: dict[str, pq.ParquetWriter] = {}
@@ -428,10 +498,13 @@ def _split_file(uri: str, rows: np.ndarray, columns: tuple[str, str], centres: n
             if unit is None or problems:
                 continue
             cells = nearest_cells(unit, centres, reach[1])
+            nodes.append(node)
+            homes.append(cells[:, 0].astype(np.int32))
             for cell in np.unique(cells):
                 mine = (cells == cell).any(axis=1)
                 member = (cells[mine, :reach[0]] == cell).any(axis=1)
-                _write_cell(writers, _cell_dir(scratch, int(cell)), name, node[mine], unit[mine], member)
+                _write_cell(writers, _cell_dir(scratch, int(cell)), name, node[mine], unit[mine], member,
+                            cells[mine, 0] == cell)
                 sizes[cell] += int(member.sum())
                 visitors[cell] += int((~member).sum())
             best = _top_similarities(best, _query_similarities(query_vectors, queries, unit, node, k), k)
@@ -439,13 +512,14 @@ def _split_file(uri: str, rows: np.ndarray, columns: tuple[str, str], centres: n
         for writer in writers.values():
             writer.close()
     return {"sizes": sizes, "visitors": visitors, "problems": problems, "query_similarities": best,
-            "peak": _peak_bytes()}
+            "nodes": np.concatenate(nodes), "home": np.concatenate(homes), "peak": _peak_bytes()}
 
 
 def _write_cell(writers: dict[str, pq.ParquetWriter], cell_dir: str, name: str, node: np.ndarray,
-                unit: np.ndarray, member: np.ndarray) -> None:
-    """Append (node, vector, member) rows to the file `name` in `cell_dir`, opening it on first use."""
-    table = pa.table({"node": pa.array(node, pa.int64()), "vector": to_arrow(unit), "member": pa.array(member)})
+                unit: np.ndarray, member: np.ndarray, home: np.ndarray) -> None:
+    """Append (node, vector, member, home) rows to the file `name` in `cell_dir`, opening it on first use."""
+    table = pa.table({"node": pa.array(node, pa.int64()), "vector": to_arrow(unit), "member": pa.array(member),
+                      "home": pa.array(home)})
     if cell_dir not in writers:
         fs, path = io.url_to_fs(cell_dir)
         fs.makedirs(path, exist_ok=True)

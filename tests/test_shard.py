@@ -1,5 +1,6 @@
 """The sharded k-NN build (gatrep.shard): cell assignment, merging by hand, recall against exact search, one
-partition as the single build, the graph job with --partitions, whose driver reads no vector, and --probe."""
+partition as the single build, the graph job with --partitions, whose driver reads no vector, --probe and
+--refine."""
 
 from __future__ import annotations
 
@@ -110,6 +111,8 @@ def test_graph_config_refuses_partitions_with_groups_or_updates() -> None:
     assert GraphConfig(run="r", partitions=1, group_by="listing").partitions == 1
     with pytest.raises(ConfigError, match="probe 0 or >= overlap"):
         GraphConfig(run="r", partitions=4, overlap=3, probe=2)
+    with pytest.raises(ConfigError, match="refine must be >= 0"):
+        GraphConfig(run="r", partitions=4, refine=-1)
 
 
 def test_graph_job_with_two_partitions_finds_each_cluster(clustered, write_embeddings, tmp_path: Path,
@@ -189,19 +192,26 @@ def test_sharded_graph_stage_refuses_bad_vectors_before_building(clustered, writ
     assert not list((tmp_path / "graph").glob("run-*/cell-*")), "the cells' scratch folder is removed"
 
 
-def test_probing_more_cells_than_a_node_is_built_in_finds_neighbours_across_cells(write_embeddings,
-                                                                                   tmp_path: Path) -> None:
+def test_probing_and_refinement_find_neighbours_across_cells(write_embeddings, tmp_path: Path) -> None:
     # Six cells, each node built in its nearest one only: its neighbours across the boundary are lost, unless it
-    # is also searched in its next two cells (as a visitor there: 2 visits per node).
+    # is also searched in its next two cells (as a visitor there: 2 visits per node). Refinement finds them
+    # through the neighbours they share, so it needs an overlap (with one cell per node, no edge leaves a cell).
     rng = np.random.default_rng(0)
     vectors = normalise(np.repeat(rng.standard_normal((30, 32)), 60, axis=0) + rng.standard_normal((1_800, 32)))
     run = str(tmp_path)
     write_embeddings(run, vectors)
     exact, _ = exact_knn(vectors, 10)
     recall = {}
-    for probe in (1, 3):
-        manifest = graph_stage.run(GraphConfig(run=run, k=10, partitions=6, overlap=1, probe=probe, n_jobs=1))
-        recall[probe] = _recall(graph_stage.read_graph(io.join(run, "graph")).neighbours, exact)
-        assert manifest["counts"]["visitors"] == 1_800 * (probe - 1)
-        assert manifest["recall"]["value"] == pytest.approx(recall[probe], abs=0.05), "sampled recall agrees"
-    assert recall[3] >= recall[1] + 0.1 and recall[3] >= 0.9, recall
+    for overlap, probe, refine in ((1, 1, 0), (1, 3, 0), (2, 2, 0), (2, 2, 1)):
+        manifest = graph_stage.run(GraphConfig(run=run, k=10, partitions=6, overlap=overlap, probe=probe,
+                                               refine=refine, n_jobs=1))
+        built = graph_stage.read_graph(io.join(run, "graph"))
+        recall[overlap, probe, refine] = found = _recall(built.neighbours, exact)
+        assert manifest["counts"]["visitors"] == 1_800 * (probe - overlap)
+        assert manifest["counts"]["refine"] == refine
+        assert manifest["recall"]["value"] == pytest.approx(found, abs=0.05), "sampled recall agrees"
+        np.testing.assert_allclose(built.similarities, np.einsum("nkd,nd->nk", vectors[built.neighbours], vectors),
+                                   atol=1e-5)
+    assert recall[1, 3, 0] >= recall[1, 1, 0] + 0.1 and recall[1, 3, 0] >= 0.9, recall
+    # Built in two cells each (0.97 here), a round of refinement at least halves the neighbours missed.
+    assert 1 - recall[2, 2, 1] <= (1 - recall[2, 2, 0]) / 2 and recall[2, 2, 1] >= 0.98, recall

@@ -223,8 +223,9 @@ def _sharded(index: NodeIndex, partitions: int, cfg: GraphConfig, stage_uri: str
                           uri_column=schemas.URI, where=index.where)
     queries = knn.recall_queries(len(index), cfg.recall_sample, cfg.seed)
     return shard.build_from_files(source, cfg.k, partitions, io.new_run_dir(stage_uri), queries,
-                                  exact_below=cfg.exact_below, overlap=cfg.overlap, probe=cfg.probe, seed=cfg.seed,
-                                  n_jobs=cfg.n_jobs, metric=cfg.metric, build_k=cfg.build_k)
+                                  exact_below=cfg.exact_below, overlap=cfg.overlap, probe=cfg.probe,
+                                  refine=cfg.refine, seed=cfg.seed, n_jobs=cfg.n_jobs, metric=cfg.metric,
+                                  build_k=cfg.build_k)
 
 
 def _update(nodes: Nodes, old: Graph, cfg: GraphConfig) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
@@ -287,7 +288,8 @@ def summary(manifest: dict[str, Any]) -> str:
         f"{counts['nodes_without_neighbours']}; "
         + (f"{counts['partitions']} cells of {counts['smallest_cell']}..{counts['largest_cell']} nodes (overlap "
            f"{counts['overlap']}" + (f", probe {counts['probe']}: {counts['visitors']} visits"
-                                     if counts.get("probe", 0) > counts["overlap"] else "") + "; "
+                                     if counts.get("probe", 0) > counts["overlap"] else "")
+           + (f", {counts['refine']} refinement rounds" if counts.get("refine") else "") + "; "
            if "partitions" in counts else f"groups: {counts['groups']} (")
         + f"{counts['exact_groups']} exact, {counts['approximate_groups']} pynndescent)",
         *([f"  updated from {manifest['upstream']['previous_graph']['uri']}: {counts['new_nodes']} new or changed "
