@@ -6,8 +6,8 @@ Synthetic latents: --categories clusters of equal size (random centres, one offs
 --listings listings per category, published once under --workdir. Each mode runs `gatrep.stages.index.run` in a
 fresh subprocess, so each pays pynndescent's numba compilation (once in process; once per Ray worker with tasks)
 and the tasks mode also starts a local Ray instance of --cpus CPUs (reported apart, not in 'stage s'). Reported:
-the stage's wall time, its per-category phase, the driver's peak RSS (ru_maxrss of the subprocess: with tasks it
-includes the object store pages the driver wrote), the task count and how many categories got a pynndescent
+the stage's wall time, its per-category phase, the driver's peak RSS (ru_maxrss of the subprocess: in process it
+holds one group's vectors at a time, with tasks none), the task count and how many categories got a pynndescent
 index; then whether both modes published the same tables. Prints figures; asserts nothing.
 """
 

@@ -197,13 +197,15 @@ def stage_file_uris(stage_uri: str, manifest: dict[str, Any]) -> list[str]:
 
 def table_uris(stage_uri: str, manifest: dict[str, Any], table: str | None = None) -> list[str]:
     """The Parquet files of one table of a published stage: `table` of a multi-table stage (its manifest's
-    "tables" mapping), else every Parquet file the manifest lists. StageError when the table is not listed."""
+    "tables" mapping: one file, or a list of files read in that order), else every Parquet file the manifest
+    lists. StageError when the table is not listed."""
     if table is None or table == manifest["stage"]:
         return [join(stage_uri, f) for f in manifest["files"] if f.endswith(".parquet")]
     tables = manifest.get("tables", {})
     if table not in tables:
         raise StageError(f"{stage_uri}: the {manifest['stage']} manifest lists no {table!r} table; rebuild the stage")
-    return [join(stage_uri, tables[table])]
+    files = tables[table]
+    return [join(stage_uri, f) for f in ([files] if isinstance(files, str) else files)]
 
 
 def read_table(stage_uri: str, stage: str, table: str | None = None,
@@ -517,6 +519,27 @@ def count_rows(stage_uri: str, manifest: dict[str, Any]) -> int:
         with _parquet(uri, []) as parquet:
             total += parquet.metadata.num_rows
     return total
+
+
+def valid_rows(stage_uri: str, manifest: dict[str, Any], column: str) -> np.ndarray:
+    """Whether each row of the stage (numbered as `take_rows` numbers them) has a non-null `column`. A row group
+    whose statistics count no null in the column (for a list column, a null list counts as a null of its leaf)
+    is not read, so a vector column is read only where it has nulls. Refuses (StageError) a file that is missing
+    or not Parquet, (SchemaError) one without `column`."""
+    parts = [np.zeros(0, dtype=bool)]
+    for uri in table_uris(stage_uri, manifest):
+        with _readable(uri, manifest["stage"]), _parquet(uri, [column]) as parquet:
+            leaves = [i for i in range(parquet.metadata.num_columns)
+                      if parquet.schema.column(i).path.split(".")[0] == column]  # a list column's leaf: v.list.element
+            for group in range(parquet.num_row_groups):
+                meta = parquet.metadata.row_group(group)
+                stats = [meta.column(i).statistics for i in leaves]
+                if all(s is not None and s.has_null_count and s.null_count == 0 for s in stats):
+                    parts.append(np.ones(meta.num_rows, dtype=bool))
+                else:
+                    valid = parquet.read_row_group(group, columns=[column])[column].is_valid()
+                    parts.append(valid.to_numpy(zero_copy_only=False))
+    return np.concatenate(parts)
 
 
 def take_rows(stage_uri: str, manifest: dict[str, Any], rows: np.ndarray, columns: list[str]) -> pa.Table:

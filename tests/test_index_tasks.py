@@ -54,6 +54,25 @@ def refuse(*_, **__):
     raise AssertionError("per-category work ran in the driver")
 
 
+def driver_reads_no_vector(patch: pytest.MonkeyPatch) -> None:
+    """Make the driver fail on any read of a vector column: the tasks, in Ray workers, read their own images."""
+    read_table = io.read_table
+
+    def read_without_vectors(*args, columns=None, **kwargs):
+        assert columns is not None and not {schemas.EMBEDDING, schemas.LATENT, schemas.STYLE} & set(columns), columns
+        return read_table(*args, columns=columns, **kwargs)
+
+    patch.setattr(io, "read_table", read_without_vectors)
+    patch.setattr(io, "take_rows", refuse)
+
+
+def assert_same_tables(run: str, local: dict, tasks: dict) -> None:
+    """The two index stages index-local and index-tasks (their manifests: `local`, `tasks`) publish equal tables."""
+    assert sorted(local["tables"]) == sorted(tasks["tables"]) and len(local["files"]) == len(tasks["files"])
+    for table in local["tables"]:
+        assert read(run, "index-tasks", table).equals(read(run, "index-local", table)), table
+
+
 @pytest.mark.ray
 @pytest.mark.usefixtures("local_ray")
 def test_tasks_publish_what_the_driver_computes_in_process_and_the_driver_builds_no_index(tmp_path, monkeypatch):
@@ -73,13 +92,14 @@ def test_tasks_publish_what_the_driver_computes_in_process_and_the_driver_builds
     for name in ("central_images", "nearest_members"):
         monkeypatch.setattr(represent, name, refuse)
     monkeypatch.setattr(categorize, "_build_ann", refuse)
-
-    tasks = index.run(cfg("index-tasks"), tasks=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(represent, "represent_groups", refuse)  # listing representatives too
+        driver_reads_no_vector(patch)
+        tasks = index.run(cfg("index-tasks"), tasks=True)
     assert (local["category_groups"], local["category_tasks"]) == (4, False)
     assert (tasks["category_groups"], tasks["category_tasks"]) == (4, True) and tasks["style_dim"] == STYLE_DIM
-    assert sorted(local["tables"]) == sorted(tasks["tables"]) and len(local["files"]) == len(tasks["files"])
-    for table in local["tables"]:
-        assert read(run, "index-tasks", table).equals(read(run, "index-local", table)), table
+    assert len(tasks["tables"]["ann_vectors"]) == len(tasks["tables"]["style_ann_vectors"]) == 4  # one per group
+    assert_same_tables(run, local, tasks)
     categories = read(run, "index-tasks", "categories")
     assert categories["category"].to_pylist() == list(SIZES) and categories["size"].to_pylist() == list(SIZES.values())
     np.testing.assert_array_equal(vectors.from_arrow(categories["representative"]), reps.vectors)
@@ -88,3 +108,21 @@ def test_tasks_publish_what_the_driver_computes_in_process_and_the_driver_builds
     assert ann["image_id"].to_pylist() == np.concatenate([whole.parts[c].ids for c in SIZES]).tolist()
     np.testing.assert_array_equal(vectors.from_arrow(ann["vector"]),
                                   np.concatenate([whole.parts[c].vectors for c in SIZES]))
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("local_ray")
+def test_discovered_categories_in_tasks_publish_what_the_driver_computes_in_process(tmp_path, monkeypatch):
+    run = str(tmp_path / "run")
+    publish(run)
+    monkeypatch.setattr(index, "GROUP_ROWS", 10)
+
+    def cfg(stage: str) -> IndexConfig:
+        return IndexConfig(run=run, source=schemas.EMBEDDINGS, stage=stage, categories="kmeans", n_clusters=4)
+
+    local = index.run(cfg("index-local"), tasks=False)
+    with monkeypatch.context() as patch:
+        driver_reads_no_vector(patch)
+        tasks = index.run(cfg("index-tasks"), tasks=True)
+    assert tasks["category_tasks"] and tasks["categories"] == 4 and tasks["listings"] == 9  # shoes: one image
+    assert_same_tables(run, local, tasks)

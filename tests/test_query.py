@@ -194,6 +194,10 @@ def test_ann_index_retrieves_itself_first_and_round_trips(tmp_path):
     again = loaded.retrieve_many(vectors[sample], [cats[i] for i in sample], k=5)
     assert again[0].tolist() == found.tolist()
     assert again[2][:, 0].tolist() == [cats[i] for i in sample]
+    # An index published before the vectors were split per group of categories still loads.
+    (tmp_path / "ann" / "vectors-00000.parquet").rename(tmp_path / "ann" / "vectors.parquet")
+    old = load_retrieval_index(str(tmp_path / "ann")).retrieve_many(vectors[sample], [cats[i] for i in sample], k=5)
+    assert old[0].tolist() == found.tolist()
 
     pickle_file = tmp_path / "ann" / "ann-00000.pkl"
     pickle_file.write_bytes(pickle_file.read_bytes() + b"tampered")

@@ -8,8 +8,7 @@ import dataclasses
 import hashlib
 import pickle
 import posixpath
-from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,7 +27,10 @@ if TYPE_CHECKING:
 NAME = schemas.INDEX
 CONFIG = IndexConfig
 DESCRIPTION = "Build <--run>/<--stage> (default index) from <--run>/latents."
-VECTORS_FILE = "vectors.parquet"
+# A retrieval index's vectors: one file per group of categories, named by the group's first category position and
+# read in that order (`load_retrieval_index`), so that each task writes its own.
+VECTORS_FILE = "vectors-{:05d}.parquet"
+VECTORS_GLOB = "vectors-*.parquet"
 CATALOG_FILE = "catalog.parquet"
 
 
@@ -37,75 +39,143 @@ class IndexFileError(UserError, RuntimeError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Source:
-    """The images to index: one row per usable latent or embedding."""
+class Stage:
+    """A published stage whose vectors the tasks read: its URI and manifest, the vector column and its width."""
 
-    image_ids: np.ndarray
-    listings: np.ndarray
-    categories: np.ndarray
-    vectors: np.ndarray
+    uri: str
+    manifest: dict[str, Any]
+    column: str
+    dim: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """The images to index, one per usable latent or embedding in the source stage's row order, without their
+    vectors (each task reads its own, see `read_rows`): listing and input-category codes into sorted names (-1:
+    no input category), the image ids (Arrow: compact), each image's row in `stage` (as io.take_rows numbers
+    them), and how many rows were unusable."""
+
+    listing: np.ndarray
+    listing_names: np.ndarray
+    category: np.ndarray
+    category_names: np.ndarray
+    image_ids: pa.ChunkedArray
+    rows: np.ndarray
+    stage: Stage
     skipped: int
 
 
 @dataclasses.dataclass(frozen=True)
-class Categories:
-    """Which category every listing and image belongs to, and each category's representative."""
+class Style:
+    """Where the source images' style vectors lie: a stage and each image's row in it, in source order."""
 
+    stage: Stage
+    rows: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Categories:
+    """Which category every listing (in sorted listing order) and every image belongs to: codes into `names`,
+    sorted."""
+
+    names: np.ndarray
     of_listing: np.ndarray
     of_image: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Listings:
+    """Listing representatives (Remark 1), one row per listing in sorted name order: its representative vector,
+    image and z-score, its size, and its top-k central images with their z-scores."""
+
     names: np.ndarray
     vectors: np.ndarray
-    listing: np.ndarray
     image_id: np.ndarray
-    listings: np.ndarray
+    zscore: np.ndarray
+    sizes: np.ndarray
+    central_ids: list[list[str]]
+    central_zscores: list[list[float]]
+
+    @classmethod
+    def concat(cls, parts: list[Listings]) -> Listings:
+        """The parts' listings (each listing in one part) in sorted name order."""
+        names = np.concatenate([p.names for p in parts])
+        order = np.argsort(names, kind="stable")
+        ids = [top for p in parts for top in p.central_ids]
+        zscores = [top for p in parts for top in p.central_zscores]
+        return cls(names[order], np.concatenate([p.vectors for p in parts])[order],
+                   np.concatenate([p.image_id for p in parts])[order],
+                   np.concatenate([p.zscore for p in parts])[order], np.concatenate([p.sizes for p in parts])[order],
+                   [ids[i] for i in order], [zscores[i] for i in order])
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading
+# Reading: the driver reads what it plans with; each task reads its own images' vectors
 
 
-def read_style(cfg: IndexConfig, source_uri: str, source: Source) -> np.ndarray | None:
-    """The style vectors of the source's images, in its row order, from the embeddings stage it comes from
+def codes(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(each value's int32 code into the sorted distinct values, -1 for null; those values, as an object array)."""
+    names = np.sort(pc.unique(column).drop_null().to_numpy(zero_copy_only=False))
+    found = pc.index_in(column, value_set=pa.array(names.tolist(), column.type))
+    return pc.fill_null(found, -1).to_numpy().astype(np.int32), names
+
+
+def read_source(cfg: IndexConfig, stage_uri: str) -> Source:
+    """The usable rows of the source stage, without their vectors. Embeddings keep status-ok rows; a row needs a
+    vector and a listing or a category (then that is its listing, as in Approach II); the others are counted in
+    `skipped`. Refuses (io.StageError) a stage without a usable row."""
+    column = schemas.LATENT if cfg.source == schemas.LATENTS else schemas.EMBEDDING
+    wanted = [schemas.IMAGE_ID, schemas.LISTING, schemas.CATEGORY]
+    if cfg.source == schemas.EMBEDDINGS:
+        wanted.append(schemas.STATUS)
+    table, manifest = io.read_table(stage_uri, cfg.source, columns=wanted)
+    listing = pc.coalesce(table[schemas.LISTING], table[schemas.CATEGORY])
+    usable = pc.and_(pa.chunked_array([io.valid_rows(stage_uri, manifest, column)]),
+                     pc.and_(pc.is_valid(table[schemas.IMAGE_ID]), pc.is_valid(listing)))
+    if cfg.source == schemas.EMBEDDINGS:
+        usable = pc.and_(usable, pc.equal(table[schemas.STATUS], schemas.OK))
+    keep = pc.fill_null(usable, False)
+    rows = np.flatnonzero(keep.to_numpy())
+    if rows.size == 0:
+        raise io.StageError(f"{stage_uri}: no usable rows out of {table.num_rows} (need a vector and a listing or "
+                            "category)")
+    dim = schemas.vector_dim(io.table_schema(stage_uri, manifest), column)
+    return Source(*codes(listing.filter(keep)), *codes(table[schemas.CATEGORY].filter(keep)),
+                  table[schemas.IMAGE_ID].filter(keep), rows, Stage(stage_uri, manifest, column, dim),
+                  skipped=table.num_rows - rows.size)
+
+
+def read_style(cfg: IndexConfig, source_uri: str, source: Source) -> Style | None:
+    """Where the style vectors of the source's images lie, in its row order, in the embeddings stage it comes from
     (for latents, the one their graph was built from); None when that stage was embedded without --style, or
-    when latents record no graph (made by hand: no way back to their images)."""
+    when latents record no graph (made by hand: no way back to their images). Refuses (io.StageError) an indexed
+    image without a style vector."""
     uri, manifest = source_uri, io.read_manifest(source_uri, cfg.source)
     if cfg.source == schemas.LATENTS:
         if schemas.GRAPH not in manifest.get("upstream", {}):
             return None
         _, graph_manifest = io.upstream_stage(cfg.run, manifest, schemas.GRAPH, schemas.GRAPH)
         uri, manifest = io.upstream_stage(cfg.run, graph_manifest, schemas.EMBEDDINGS, schemas.EMBEDDINGS)
-    if schemas.STYLE not in io.table_schema(uri, manifest).names:
+    schema = io.table_schema(uri, manifest)
+    if schemas.STYLE not in schema.names:
         return None
-    table, _ = io.read_table(uri, schemas.EMBEDDINGS, columns=[schemas.IMAGE_ID, schemas.STATUS, schemas.STYLE])
-    table = table.filter(pc.and_(pc.equal(table[schemas.STATUS], schemas.OK), pc.is_valid(table[schemas.STYLE])))
-    row = {image_id: i for i, image_id in enumerate(table[schemas.IMAGE_ID].to_pylist())}
-    missing = [i for i in source.image_ids if i not in row]
-    if missing:
+    table, manifest = io.read_table(uri, schemas.EMBEDDINGS, columns=[schemas.IMAGE_ID, schemas.STATUS])
+    ok = pc.fill_null(pc.and_(pc.equal(table[schemas.STATUS], schemas.OK),
+                              pa.chunked_array([io.valid_rows(uri, manifest, schemas.STYLE)])), False)
+    found = pc.index_in(source.image_ids, value_set=table[schemas.IMAGE_ID].filter(ok).combine_chunks())
+    if found.null_count:
+        missing = source.image_ids.filter(found.is_null()).to_pylist()
         raise io.StageError(f"{uri} has no style vector for {len(missing)} indexed images, e.g. {missing[:3]}; "
                             "rebuild the stages after it")
-    return vectors.from_arrow(table[schemas.STYLE])[[row[i] for i in source.image_ids]]
+    rows = np.flatnonzero(ok.to_numpy())[found.to_numpy()]
+    return Style(Stage(uri, manifest, schemas.STYLE, schemas.vector_dim(schema, schemas.STYLE)), rows)
 
 
-def read_source(cfg: IndexConfig, stage_uri: str) -> Source:
-    """The usable rows of the source stage. Embeddings keep status-ok rows; a row needs a listing or a
-    category (then that is its listing, as in Approach II); the others are counted in `skipped`."""
-    column = schemas.LATENT if cfg.source == schemas.LATENTS else schemas.EMBEDDING
-    wanted = [schemas.IMAGE_ID, schemas.LISTING, schemas.CATEGORY, column]
-    if cfg.source == schemas.EMBEDDINGS:
-        wanted.append(schemas.STATUS)
-    table, _ = io.read_table(stage_uri, cfg.source, columns=wanted)
-    total = table.num_rows
-    usable = pc.and_(pc.is_valid(table[column]), pc.is_valid(table[schemas.IMAGE_ID]))
-    if cfg.source == schemas.EMBEDDINGS:
-        usable = pc.and_(usable, pc.equal(table[schemas.STATUS], schemas.OK))
-    listing = pc.coalesce(table[schemas.LISTING], table[schemas.CATEGORY])
-    table = table.set_column(table.schema.get_field_index(schemas.LISTING), schemas.LISTING, listing)
-    table = table.filter(pc.and_(usable, pc.is_valid(table[schemas.LISTING])))
-    if table.num_rows == 0:
-        raise io.StageError(f"{stage_uri}: no usable rows out of {total} (need a vector and a listing or category)")
-    image_ids, listings, categories = (np.asarray(table[c].to_pylist(), dtype=object) for c in wanted[:3])
-    return Source(image_ids, listings, categories, vectors.from_arrow(table[column]),
-                  skipped=total - table.num_rows)
+def read_rows(stage: Stage, rows: np.ndarray, columns: list[str]) -> pa.Table:
+    """`columns` at the stage's rows `rows` (numbered as io.take_rows numbers them), in that order; only the row
+    groups that hold one of them are read. A task's read of its own images."""
+    unique, back = np.unique(rows, return_inverse=True)
+    return io.take_rows(stage.uri, stage.manifest, unique, columns).take(pa.array(back))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,32 +190,35 @@ def degree_options(cfg: IndexConfig) -> dict[str, Any]:
             "seed": cfg.seed}
 
 
-def given_listing_categories(source: Source, listings: np.ndarray) -> np.ndarray:
-    """The input category of each listing; refuses a listing with none or with several, naming it."""
-    seen: dict[str, set] = {}
-    for listing, category in zip(source.listings, source.categories, strict=True):
-        seen.setdefault(listing, set()).add(category)
-    out = []
-    for listing in listings:
-        found = seen[listing]
-        if None in found or len(found) != 1:
-            what = "no category" if None in found else f"several categories ({', '.join(sorted(found))})"
-            raise io.InputError(f"listing {listing!r} has {what}; give each listing one category or use "
-                                      f"--categories threshold|kmeans|dbscan")
-        out.append(next(iter(found)))
-    return np.asarray(out, dtype=object)
+def given_categories(source: Source) -> Categories:
+    """The input categories, each listing's that of its images; refuses (io.InputError) a listing with none or with
+    several, naming the first in sorted order."""
+    width = len(source.category_names) + 1
+    pairs = np.unique(source.listing.astype(np.int64) * width + source.category + 1)
+    listing, category = np.divmod(pairs, width)
+    category -= 1
+    several = np.bincount(listing, minlength=len(source.listing_names)) > 1
+    bad = np.flatnonzero(several | np.isin(np.arange(several.size), listing[category < 0]))
+    if bad.size:
+        found = category[listing == bad[0]]
+        what = ("no category" if (found < 0).any() else
+                f"several categories ({', '.join(source.category_names[found])})")
+        raise io.InputError(f"listing {source.listing_names[bad[0]]!r} has {what}; give each listing one category "
+                            "or use --categories threshold|kmeans|dbscan")
+    return Categories(source.category_names, category, source.category)
 
 
-def discovered_listing_categories(cfg: IndexConfig, listing_vectors: np.ndarray) -> np.ndarray:
-    """A discovered category name (c0000, c0001, ...) for each listing (Case 1 of III-A2). Refuses
-    (ConfigError) more K-Means clusters than there are listings."""
-    if cfg.categories == "kmeans" and cfg.n_clusters > len(listing_vectors):
-        raise config.ConfigError(f"--n-clusters {cfg.n_clusters} is more than the {len(listing_vectors)} listings")
+def discovered_categories(cfg: IndexConfig, source: Source, listings: Listings) -> Categories:
+    """Categories discovered among the listing representatives (Case 1 of III-A2), named c0000, c0001, ...
+    Refuses (ConfigError) more K-Means clusters than there are listings."""
+    if cfg.categories == "kmeans" and cfg.n_clusters > len(listings.names):
+        raise config.ConfigError(f"--n-clusters {cfg.n_clusters} is more than the {len(listings.names)} listings")
     labels = represent.discover_categories(
-        listing_vectors, cfg.categories, threshold=cfg.category_threshold, n_clusters=cfg.n_clusters,
+        listings.vectors, cfg.categories, threshold=cfg.category_threshold, n_clusters=cfg.n_clusters,
         eps=cfg.dbscan_eps, min_samples=cfg.dbscan_min_samples, exact_max=cfg.exact_max,
         n_neighbors=cfg.ann_neighbours, seed=cfg.seed)
-    return np.asarray([f"c{label:04d}" for label in labels], dtype=object)
+    names, of_listing = np.unique([f"c{label:04d}" for label in labels], return_inverse=True)
+    return Categories(names.astype(object), of_listing, of_listing[source.listing])
 
 
 def category_nodes(cfg: IndexConfig, source_manifest: dict[str, Any]) -> CategoryNodes | None:
@@ -175,48 +248,51 @@ def class_node_targets(names: np.ndarray, nodes: CategoryNodes) -> np.ndarray:
     return nodes.embeddings[[position[str(name)] for name in names]].astype(np.float32)
 
 
-def listing_categories(cfg: IndexConfig, source: Source,
-                       reps: represent.GroupRepresentatives) -> tuple[np.ndarray, np.ndarray]:
-    """(the category of each listing, in `reps.groups` order; the category of each image): given, or discovered
-    from the listing representatives (Case 1 of III-A2)."""
-    if cfg.categories == "given":
-        of_listing = given_listing_categories(source, reps.groups)
-    else:
-        of_listing = discovered_listing_categories(cfg, reps.vectors)
-    lookup = dict(zip(reps.groups, of_listing, strict=True))
-    return of_listing, np.asarray([lookup[listing] for listing in source.listings], dtype=object)
+@dataclasses.dataclass(frozen=True)
+class Representatives:
+    """Each category's representative vector, listing and image, in sorted category order."""
+
+    vectors: np.ndarray
+    listing: np.ndarray
+    image_id: np.ndarray
 
 
-def discovered_representatives(source: Source, reps: represent.GroupRepresentatives, of_listing: np.ndarray,
-                               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(vectors, listings, image ids) of discovered categories' representatives, in sorted category order: each
-    category's most central listing representative (III-A2). Small: one vector per listing."""
-    cat = represent.represent_groups(reps.vectors, of_listing, "most_central", 1)
-    return cat.vectors, reps.groups[cat.index], source.image_ids[reps.index[cat.index]]
+def discovered_representatives(listings: Listings, cats: Categories) -> Representatives:
+    """Each discovered category's most central listing representative (III-A2). Small: one vector per listing."""
+    cat = represent.represent_groups(listings.vectors, cats.of_listing, "most_central", 1)
+    return Representatives(cat.vectors, listings.names[cat.index], listings.image_id[cat.index])
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-category work: Ray tasks, one per category or per batch of small ones (in process for a small index)
+# Per-group work: Ray tasks, one per category or per batch of small ones (in process for a small index). Each task
+# reads its own images from the source stage, so with tasks the driver never holds their vectors.
 
-# Per-category work (representatives, central images, retrieval indexes) runs in Ray tasks from this many indexed
-# images up, and in this process below. The stage then starts no Ray instance for a small index: starting one
-# (seconds, a worker process per CPU, their imports) costs more than the work, and the driver holds these vectors
-# anyway; and each worker that builds a pynndescent index pays numba's compilation once (about a minute on a busy
-# 2-CPU machine). Results are the same either way (tests/test_index_tasks.py); bench/index.py measures both.
+# Per-group work (listing and category representatives, central images, retrieval indexes) runs in Ray tasks from
+# this many indexed images up, and in this process below. The stage then starts no Ray instance for a small index:
+# starting one (seconds, a worker process per CPU, their imports) costs more than the work; and each worker that
+# builds a pynndescent index pays numba's compilation once (about a minute on a busy 2-CPU machine). Both run the
+# same functions over the same groups, so results are the same (tests/test_index_tasks.py); bench/index.py
+# measures both.
 TASK_MIN_ROWS = 50_000
-# Images per task: consecutive small categories are batched until a group holds this many, so 10,000 tiny
-# categories make a few tasks, not 10,000; a category this large is a task of its own.
+# Images per task: consecutive small categories (or listings) are batched until a group holds this many, so
+# 10,000 tiny categories make a few tasks, not 10,000; a category this large is a task of its own.
 GROUP_ROWS = 20_000
-# Groups whose vectors are in the object store at once, per CPU: bounds what the driver copies out ahead.
+# Tasks in flight at once, per CPU: bounds the driver's pending work.
 IN_FLIGHT_PER_CPU = 2
 
 
 @dataclasses.dataclass(frozen=True)
 class CategoryWork:
-    """What every group's task computes: the given categories' representative `method` (None: the driver chooses
-    the representatives, for discovered categories), the index config's settings, and the directories the
-    pickles of the retrieval indexes go to (`style_dir`: None without style vectors)."""
+    """What every group's task computes and where it reads and writes: the source stage and the style vectors'
+    (None: none), the listing representatives' `listing_method` (None: computed before, for discovered
+    categories), the given categories' representative `method` (None: the driver chooses them, for discovered
+    categories), the index config's settings, and the directories each retrieval index's files go to
+    (`style_dir`: None without style vectors)."""
 
+    source: Stage
+    style: Stage | None
+    listing_method: str | None
+    top_k: int
     method: str | None
     degree: dict[str, Any]
     top_m: int
@@ -231,34 +307,42 @@ class CategoryWork:
 @dataclasses.dataclass(frozen=True)
 class CategoryGroup:
     """The categories of one task, consecutive in sorted order: their `positions` in that order (which name their
-    pickles), `names`, `sizes`, and their images' vectors category after category (with their style vectors, and
-    each category's class-node embedding as its representative when the model has them)."""
+    files), `names`, `sizes`, and their images' rows in the source stage category after category, in source
+    order inside each (with their rows in the style vectors' stage, and each category's class-node embedding as
+    its representative when the model has them)."""
 
     positions: np.ndarray
     names: np.ndarray
     sizes: np.ndarray
-    vectors: np.ndarray
-    style: np.ndarray | None = None
+    rows: np.ndarray
+    style_rows: np.ndarray | None = None
     targets: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class GroupResult:
-    """What a task returns for its group; rows index the group's vectors. Per category: the representative vector
-    and image (None for discovered categories), the central images' rows, and the retrieval index's pickle
-    (name, sha256), None for exact search, for the vectors and the style vectors (empty without)."""
+    """What a task returns for its group. Its listings' representatives (None when computed before), and per
+    category: the representative vector, listing and image (None for discovered categories), the central images'
+    ids and vectors, and the retrieval index's pickle (name, sha256), None for exact search, for the vectors and
+    the style vectors (empty without); the URIs of the group's vectors files (the style one: None without)."""
 
     positions: np.ndarray
+    listings: Listings | None
     rep_vectors: np.ndarray | None
-    rep_rows: np.ndarray | None
-    central: list[np.ndarray]
+    rep_listing: np.ndarray | None
+    rep_image_id: np.ndarray | None
+    central_ids: list[list[str]]
+    central_vectors: list[np.ndarray]
     ann: list[tuple[str, str] | None]
     style_ann: list[tuple[str, str] | None]
+    vectors_file: str
+    style_vectors_file: str | None
 
 
 def plan_groups(sizes: np.ndarray, group_rows: int = GROUP_ROWS) -> list[np.ndarray]:
-    """Category positions (0..C-1, in order) batched into groups of consecutive categories: a group closes once it
-    holds `group_rows` images, and a category that large is a group of its own. Every position appears once."""
+    """Category (or listing) positions (0..C-1, in order) batched into groups of consecutive ones: a group closes
+    once it holds `group_rows` images, and a category that large is a group of its own. Every position appears
+    once."""
     groups: list[np.ndarray] = []
     current: list[int] = []
     rows = 0
@@ -276,28 +360,64 @@ def plan_groups(sizes: np.ndarray, group_rows: int = GROUP_ROWS) -> list[np.ndar
     return groups
 
 
+def read_group(stage: Stage, rows: np.ndarray) -> tuple[pa.Table, np.ndarray]:
+    """(image id, listing (the category where none) and input category of the images at `rows`; their vectors)."""
+    table = read_rows(stage, rows, [schemas.IMAGE_ID, schemas.LISTING, schemas.CATEGORY, stage.column])
+    listing = pc.coalesce(table[schemas.LISTING], table[schemas.CATEGORY])
+    table = table.set_column(table.schema.get_field_index(schemas.LISTING), schemas.LISTING, listing)
+    return table.drop([stage.column]), vectors.from_arrow(table[stage.column])
+
+
+def listing_representatives(table: pa.Table, vecs: np.ndarray, work: CategoryWork) -> Listings:
+    """The representatives of the listings of `table` (from `read_group`), whole: no listing may lie partly
+    outside it."""
+    assert work.listing_method is not None, "listing representatives without a method"
+    image_ids = np.asarray(table[schemas.IMAGE_ID].to_pylist(), dtype=object)
+    reps = represent.represent_groups(vecs, np.asarray(table[schemas.LISTING].to_pylist(), dtype=object),
+                                      work.listing_method, work.top_k, **work.degree)
+    return Listings(reps.groups, reps.vectors, image_ids[reps.index], reps.zscore, reps.sizes,
+                    [image_ids[top].tolist() for top in reps.top],
+                    [reps.zscores[top].astype(np.float32).tolist() for top in reps.top])
+
+
+def listing_work(rows: np.ndarray, work: CategoryWork) -> Listings:
+    """The representatives of the listings whose images are at `rows` of the source stage (all of their images):
+    the first round of tasks for discovered categories, which need them before categories exist."""
+    return listing_representatives(*read_group(work.source, rows), work)
+
+
 def category_work(group: CategoryGroup, work: CategoryWork) -> GroupResult:
-    """Each category of `group`: its representative (by `work.method`, or its image nearest to the class-node
-    embedding), its top-m central images, and its retrieval index, whose pickle (pynndescent, for a category of
-    at least `ann_min_size` images) is written here. The same functions, over each category's rows, as for the
-    whole source at once: results equal theirs. A Ray task, or called in process for a small index."""
+    """Each category of `group`, from its images read here: its listings' representatives (unless computed
+    before), its representative (by `work.method`, or its image nearest to the class-node embedding), its top-m
+    central images, its retrieval index's vectors file and, for a category of at least `ann_min_size` images, its
+    pynndescent pickle. The same functions, over each category's rows, as for the whole source at once: results
+    equal theirs. A Ray task, or called in process for a small index."""
+    table, vecs = read_group(work.source, group.rows)
     labels = np.repeat(group.names, group.sizes)
-    rep_vectors = rep_rows = None
+    listings = None if work.listing_method is None else listing_representatives(table, vecs, work)
+    rep_vectors, rep_rows = group.targets, None
     if group.targets is not None:
-        rep_vectors, rep_rows = group.targets, represent.nearest_members(group.vectors, labels, group.targets)
+        rep_rows = represent.nearest_members(vecs, labels, group.targets)
     elif work.method is not None:
-        reps = represent.represent_groups(group.vectors, labels, work.method, 1, **work.degree)
+        reps = represent.represent_groups(vecs, labels, work.method, 1, **work.degree)
         rep_vectors, rep_rows = reps.vectors, reps.index
-    central = represent.central_images(group.vectors, labels, work.top_m, work.central, work.seed)
-    ann = _write_group_anns(group.vectors, labels, group, work, work.ann_dir)
-    style_ann = ([] if group.style is None or work.style_dir is None
-                 else _write_group_anns(group.style, labels, group, work, work.style_dir))
-    return GroupResult(group.positions, rep_vectors, rep_rows, central, ann, style_ann)
+    central = represent.central_images(vecs, labels, work.top_m, work.central, work.seed)
+    ann = _write_group_anns(vecs, labels, group, work, work.ann_dir)
+    vectors_file = _write_vectors(table, vecs, labels, group, work.ann_dir)
+    style_ann, style_file = [], None
+    if group.style_rows is not None and work.style is not None and work.style_dir is not None:
+        style = vectors.from_arrow(read_rows(work.style, group.style_rows, [schemas.STYLE])[schemas.STYLE])
+        style_ann = _write_group_anns(style, labels, group, work, work.style_dir)
+        style_file = _write_vectors(table, style, labels, group, work.style_dir)
+    image_ids, listing = (np.asarray(table[c].to_pylist(), dtype=object) for c in (schemas.IMAGE_ID, schemas.LISTING))
+    return GroupResult(group.positions, listings, rep_vectors, None if rep_rows is None else listing[rep_rows],
+                       None if rep_rows is None else image_ids[rep_rows], [image_ids[top].tolist() for top in central],
+                       [vecs[top] for top in central], ann, style_ann, vectors_file, style_file)
 
 
 def _write_group_anns(vecs: np.ndarray, labels: np.ndarray, group: CategoryGroup, work: CategoryWork,
                       dir_uri: str) -> list[tuple[str, str] | None]:
-    # The categories stand in for the image ids, which the pickles do not hold (vectors.parquet does).
+    # The categories stand in for the image ids, which the pickles do not hold (the vectors files do).
     index = CategoryIndex.build(vecs, labels, labels, ann_min_size=work.ann_min_size,
                                 n_neighbors=work.ann_neighbours, seed=work.seed)
     out: list[tuple[str, str] | None] = []
@@ -307,23 +427,33 @@ def _write_group_anns(vecs: np.ndarray, labels: np.ndarray, group: CategoryGroup
     return out
 
 
-def run_groups(groups: Iterator[CategoryGroup], work: CategoryWork, tasks: bool) -> Iterator[GroupResult]:
-    """`category_work` of every group: in this process one after the other, or (`tasks`) as Ray tasks, each
-    group's vectors put in the object store once, a few groups per CPU at a time; results in completion order."""
+def _write_vectors(table: pa.Table, vecs: np.ndarray, labels: np.ndarray, group: CategoryGroup, dir_uri: str) -> str:
+    """The group's vectors file of a retrieval index (unit vectors, as `save_retrieval_index` writes them)."""
+    return io.write_table(pa.table({
+        schemas.CATEGORY: labels.tolist(), schemas.IMAGE_ID: table[schemas.IMAGE_ID],
+        schemas.LISTING: table[schemas.LISTING], schemas.LABEL: table[schemas.CATEGORY],
+        schemas.VECTOR: vectors.to_arrow(vectors.normalise(vecs)),
+    }, schema=schemas.ann_vectors(vecs.shape[1])), dir_uri, VECTORS_FILE.format(int(group.positions[0])))
+
+
+def run_groups(work_of: Callable[[Any, CategoryWork], Any], groups: Iterable[Any], work: CategoryWork,
+               tasks: bool) -> Iterator[Any]:
+    """`work_of` each group: in this process one after the other, or (`tasks`) as Ray tasks, a few per CPU at a
+    time; results in completion order."""
     if not tasks:
-        yield from (category_work(group, work) for group in groups)
+        yield from (work_of(group, work) for group in groups)
         return
     import ray
 
     from gatrep.stages import init_ray
 
     init_ray()
-    task = ray.remote(category_work)
+    task = ray.remote(work_of)
     work_ref = ray.put(work)
     limit = max(2, IN_FLIGHT_PER_CPU * int(ray.cluster_resources().get("CPU", 1)))
     pending: list[Any] = []
     for group in groups:
-        pending.append(task.remote(ray.put(group), work_ref))
+        pending.append(task.remote(group, work_ref))
         while len(pending) >= limit:
             done, pending = ray.wait(pending, num_returns=1)
             yield ray.get(done[0])
@@ -332,103 +462,85 @@ def run_groups(groups: Iterator[CategoryGroup], work: CategoryWork, tasks: bool)
         yield ray.get(done[0])
 
 
+def discovered_listings(source: Source, work: CategoryWork, tasks: bool) -> Listings:
+    """Every listing's representative, from tasks over groups of whole listings (see `listing_work`)."""
+    members = vectors.group_rows(source.listing)[1]
+    plan = plan_groups(np.array([m.size for m in members], dtype=np.int64), GROUP_ROWS)
+    groups = (source.rows[np.concatenate([members[p] for p in positions])] for positions in plan)
+    return Listings.concat(list(run_groups(listing_work, groups, work, tasks)))
+
+
 @dataclasses.dataclass
 class PerCategory:
-    """Every category's results, in sorted category order, rows global: representative vectors and rows (None
-    for discovered categories), central image rows, retrieval-index pickles (name, sha256) or None, per index."""
+    """Every category's results, in sorted category order (see GroupResult; `reps`: None for discovered
+    categories), their listings' representatives, and how many groups the work ran in."""
 
-    rep_vectors: np.ndarray | None
-    rep_rows: np.ndarray | None
-    central: list[np.ndarray]
+    listings: list[Listings]
+    reps: Representatives | None
+    central_ids: list[list[str]]
+    central_vectors: list[np.ndarray]
     ann: list[tuple[str, str] | None]
     style_ann: list[tuple[str, str] | None]
     groups: int
 
 
-def per_category(cfg: IndexConfig, source: Source, of_image: np.ndarray, style: np.ndarray | None,
-                 targets: np.ndarray | None, run_dir: str, tasks: bool,
-                 ) -> tuple[PerCategory, dict[str, str], list[str]]:
-    """Run the per-category work over the categories of `of_image` (see `run_groups`) while this process writes
-    the retrieval indexes' vectors tables, group by group; then their catalogs. Returns the results, the tables
-    written ({ann,style_ann}_{vectors,catalog}: URI) and the pickles' URIs."""
-    names, members = vectors.group_rows(of_image)
+def per_category(source: Source, style: Style | None, cats: Categories, targets: np.ndarray | None,
+                 work: CategoryWork, tasks: bool) -> tuple[PerCategory, dict[str, str | list[str]], list[str]]:
+    """Run the per-category work over `cats` (see `run_groups`), then write the retrieval indexes' catalogs.
+    Returns the results, the tables written ({ann,style_ann}_{vectors,catalog}: URI, or the URIs of the vectors
+    files in category order) and the pickles' URIs."""
+    members = vectors.group_rows(cats.of_image)[1]
     sizes = np.array([m.size for m in members], dtype=np.int64)
-    dirs = {"ann": io.join(run_dir, "ann")} | ({} if style is None else {"style_ann": io.join(run_dir, "style-ann")})
-    for dir_uri in dirs.values():
-        fs, path = io.url_to_fs(dir_uri)
-        fs.makedirs(path, exist_ok=True)
-    work = CategoryWork(cfg.method if cfg.categories == "given" and targets is None else None, degree_options(cfg),
-                        cfg.top_m, cfg.central, cfg.seed, cfg.ann_min_size, cfg.ann_neighbours, dirs["ann"],
-                        dirs.get("style_ann"))
     plan = plan_groups(sizes, GROUP_ROWS)
-    orders = [np.concatenate([members[p] for p in positions]) for positions in plan]
-    writers = {key: _VectorsWriter(dir_uri, source, names, sizes) for key, dir_uri in dirs.items()}
 
     def groups() -> Iterator[CategoryGroup]:
-        for positions, order in zip(plan, orders, strict=True):
-            writers["ann"].write(positions, order, source.vectors)
-            if style is not None:
-                writers["style_ann"].write(positions, order, style)
-            yield CategoryGroup(positions, names[positions], sizes[positions], source.vectors[order],
-                                None if style is None else style[order],
+        for positions in plan:
+            order = np.concatenate([members[p] for p in positions])
+            yield CategoryGroup(positions, cats.names[positions], sizes[positions], source.rows[order],
+                                None if style is None else style.rows[order],
                                 None if targets is None else targets[positions])
 
     given = work.method is not None or targets is not None
-    out = PerCategory(np.empty((len(names), source.vectors.shape[1]), np.float32) if given else None,
-                      np.empty(len(names), np.int64) if given else None, [np.empty(0, np.int64)] * len(names),
-                      [None] * len(names), [None] * len(names), len(plan))
+    n = len(cats.names)
+    reps = Representatives(np.empty((n, source.stage.dim), np.float32), np.empty(n, object), np.empty(n, object))
+    out = PerCategory([], reps if given else None, [[]] * n, [np.empty(0, np.float32)] * n, [None] * n, [None] * n,
+                      len(plan))
+    dirs = {"ann": work.ann_dir} | ({} if work.style_dir is None else {"style_ann": work.style_dir})
+    for dir_uri in dirs.values():
+        fs, path = io.url_to_fs(dir_uri)
+        fs.makedirs(path, exist_ok=True)
+    files: dict[str, list[str]] = {key: [""] * len(plan) for key in dirs}
     group_of = {int(positions[0]): g for g, positions in enumerate(plan)}
-    for result in run_groups(groups(), work, tasks):
-        _merge(out, result, orders[group_of[int(result.positions[0])]])
-    tables, pickles = {}, []
-    for key, writer in writers.items():
+    for result in run_groups(category_work, groups(), work, tasks):
+        _merge(out, result)
+        files["ann"][group_of[int(result.positions[0])]] = result.vectors_file
+        if result.style_vectors_file is not None:
+            files["style_ann"][group_of[int(result.positions[0])]] = result.style_vectors_file
+    tables: dict[str, str | list[str]] = {}
+    pickles = []
+    for key, dir_uri in dirs.items():
         anns = out.ann if key == "ann" else out.style_ann
-        tables[f"{key}_vectors"] = writer.close()
-        tables[f"{key}_catalog"] = _write_catalog(names, sizes, anns, dirs[key])
-        pickles += [io.join(dirs[key], ann[0]) for ann in anns if ann is not None]
+        tables[f"{key}_vectors"] = files[key]
+        tables[f"{key}_catalog"] = _write_catalog(cats.names, sizes, anns, dir_uri)
+        pickles += [io.join(dir_uri, ann[0]) for ann in anns if ann is not None]
     return out, tables, pickles
 
 
-def _merge(out: PerCategory, result: GroupResult, order: np.ndarray) -> None:
-    """Copy a group's results into `out`, its rows made rows of the source through `order` (the group's rows)."""
+def _merge(out: PerCategory, result: GroupResult) -> None:
+    """Copy a group's results into `out`."""
+    if result.listings is not None:
+        out.listings.append(result.listings)
     for i, position in enumerate(result.positions):
-        out.central[position] = order[result.central[i]]
+        out.central_ids[position] = result.central_ids[i]
+        out.central_vectors[position] = result.central_vectors[i]
         out.ann[position] = result.ann[i]
         if result.style_ann:
             out.style_ann[position] = result.style_ann[i]
-    if out.rep_vectors is not None and out.rep_rows is not None:
-        assert result.rep_vectors is not None and result.rep_rows is not None, "a group without representatives"
-        out.rep_vectors[result.positions] = result.rep_vectors
-        out.rep_rows[result.positions] = order[result.rep_rows]
-
-
-class _VectorsWriter:
-    """vectors.parquet of a retrieval index, written group by group in category order (as `save_retrieval_index`
-    writes it whole): unit vectors, so this process never holds a second copy of every vector."""
-
-    def __init__(self, dir_uri: str, source: Source, names: np.ndarray, sizes: np.ndarray) -> None:
-        self.fs, self.path = io.url_to_fs(dir_uri)
-        self.path = posixpath.join(self.path, VECTORS_FILE)
-        self.source, self.names, self.sizes = source, names, sizes
-        self.writer: pq.ParquetWriter | None = None
-
-    def write(self, positions: np.ndarray, order: np.ndarray, vecs: np.ndarray) -> None:
-        table = pa.table({
-            schemas.CATEGORY: np.repeat(self.names[positions], self.sizes[positions]).tolist(),
-            schemas.IMAGE_ID: self.source.image_ids[order].tolist(),
-            schemas.LISTING: self.source.listings[order].tolist(),
-            schemas.LABEL: self.source.categories[order].tolist(),
-            schemas.VECTOR: vectors.to_arrow(vectors.normalise(vecs[order])),
-        }, schema=schemas.ann_vectors(vecs.shape[1]))
-        if self.writer is None:
-            self.writer = pq.ParquetWriter(self.path, table.schema, filesystem=self.fs)
-        self.writer.write_table(table)
-
-    def close(self) -> str:
-        """Finish the file; returns its URI."""
-        assert self.writer is not None, "no category was written"
-        self.writer.close()
-        return io.full_uri(self.fs, self.path)
+    if out.reps is not None:
+        assert result.rep_vectors is not None and result.rep_image_id is not None, "a group without representatives"
+        out.reps.vectors[result.positions] = result.rep_vectors
+        out.reps.listing[result.positions] = result.rep_listing
+        out.reps.image_id[result.positions] = result.rep_image_id
 
 
 def _write_catalog(names: np.ndarray, sizes: np.ndarray, anns: list[tuple[str, str] | None], dir_uri: str) -> str:
@@ -443,58 +555,64 @@ def _write_catalog(names: np.ndarray, sizes: np.ndarray, anns: list[tuple[str, s
 # Tables
 
 
-def listings_table(source: Source, reps: represent.GroupRepresentatives, cats: Categories) -> pa.Table:
+def listings_table(listings: Listings, cats: Categories) -> pa.Table:
     """listings.parquet: one row per listing (Remark 1's z-score and top-k central images)."""
     return pa.table({
-        schemas.LISTING: reps.groups.tolist(),
-        schemas.CATEGORY: cats.of_listing.tolist(),
-        schemas.REPRESENTATIVE: vectors.to_arrow(reps.vectors),
-        schemas.REPRESENTATIVE_IMAGE_ID: source.image_ids[reps.index].tolist(),
-        schemas.ZSCORE: reps.zscore.astype(np.float32),
-        schemas.SIZE: reps.sizes,
-        schemas.CENTRAL_IMAGE_IDS: [source.image_ids[top].tolist() for top in reps.top],
-        schemas.CENTRAL_ZSCORES: [reps.zscores[top].astype(np.float32).tolist() for top in reps.top],
-    }, schema=schemas.listings(reps.vectors.shape[1]))
+        schemas.LISTING: listings.names.tolist(),
+        schemas.CATEGORY: cats.names[cats.of_listing].tolist(),
+        schemas.REPRESENTATIVE: vectors.to_arrow(listings.vectors),
+        schemas.REPRESENTATIVE_IMAGE_ID: listings.image_id.tolist(),
+        schemas.ZSCORE: listings.zscore.astype(np.float32),
+        schemas.SIZE: listings.sizes,
+        schemas.CENTRAL_IMAGE_IDS: listings.central_ids,
+        schemas.CENTRAL_ZSCORES: listings.central_zscores,
+    }, schema=schemas.listings(listings.vectors.shape[1]))
 
 
 def majority_labels(source: Source, cats: Categories) -> list[str | None]:
     """The input category most images of each category carry (ties: alphabetical), None when unlabelled."""
-    votes: dict[str, Counter] = {name: Counter() for name in cats.names}
-    for category, label in zip(cats.of_image, source.categories, strict=True):
-        if label is not None:
-            votes[category][label] += 1
-    return [min(v, key=lambda label: (-v[label], label)) if v else None for v in votes.values()]
+    labelled = source.category >= 0
+    width = len(source.category_names)
+    pairs, counts = np.unique(cats.of_image[labelled].astype(np.int64) * width + source.category[labelled],
+                              return_counts=True)
+    category, label = np.divmod(pairs, width)
+    order = np.lexsort((label, -counts, category))  # per category: the most images first, then the first name
+    first = order[np.r_[True, category[order][1:] != category[order][:-1]]] if order.size else order
+    out: list[str | None] = [None] * len(cats.names)
+    for c, name in zip(category[first], source.category_names[label[first]], strict=True):
+        out[c] = name
+    return out
 
 
-def categories_table(source: Source, cats: Categories, central: list[np.ndarray]) -> pa.Table:
-    """categories.parquet: representative, representative listing and the m extra representatives (`central`:
-    their rows, per category)."""
-    dim = source.vectors.shape[1]
+def categories_table(source: Source, cats: Categories, reps: Representatives, done: PerCategory) -> pa.Table:
+    """categories.parquet: representative, representative listing and the m extra representatives (the central
+    images, per category)."""
+    dim = source.stage.dim
     return pa.table({
         schemas.CATEGORY: cats.names.tolist(),
-        schemas.REPRESENTATIVE: vectors.to_arrow(cats.vectors),
-        schemas.REPRESENTATIVE_LISTING: cats.listing.tolist(),
-        schemas.REPRESENTATIVE_IMAGE_ID: cats.image_id.tolist(),
+        schemas.REPRESENTATIVE: vectors.to_arrow(reps.vectors),
+        schemas.REPRESENTATIVE_LISTING: reps.listing.tolist(),
+        schemas.REPRESENTATIVE_IMAGE_ID: reps.image_id.tolist(),
         schemas.LABEL: majority_labels(source, cats),
-        schemas.LISTINGS: cats.listings,
-        schemas.SIZE: [rows.size for rows in vectors.group_rows(cats.of_image)[1]],
-        schemas.CENTRAL_IMAGE_IDS: [source.image_ids[top].tolist() for top in central],
-        schemas.CENTRAL_VECTORS: pa.array([source.vectors[top].tolist() for top in central],
-                                     pa.list_(schemas.vector_type(dim))),
+        schemas.LISTINGS: np.bincount(cats.of_listing, minlength=len(cats.names)),
+        schemas.SIZE: np.bincount(cats.of_image, minlength=len(cats.names)),
+        schemas.CENTRAL_IMAGE_IDS: done.central_ids,
+        schemas.CENTRAL_VECTORS: pa.array([top.tolist() for top in done.central_vectors],
+                                          pa.list_(schemas.vector_type(dim))),
     }, schema=schemas.categories(dim))
 
 
-def similarity_tables(cfg: IndexConfig, reps: represent.GroupRepresentatives,
-                      cats: Categories) -> tuple[pa.Table, pa.Table]:
+def similarity_tables(cfg: IndexConfig, listings: Listings, cats: Categories) -> tuple[pa.Table, pa.Table]:
     """listing_similarity.parquet and merge_suggestions.parquet (Experiment IV-A2)."""
-    a, b, sims = represent.listing_pairs(reps.vectors, cfg.similarity_max_listings, cfg.similarity_neighbours,
+    a, b, sims = represent.listing_pairs(listings.vectors, cfg.similarity_max_listings, cfg.similarity_neighbours,
                                          cfg.exact_max, cfg.seed)
-    pairs = pa.table({schemas.LISTING_A: reps.groups[a].tolist(), schemas.LISTING_B: reps.groups[b].tolist(),
+    names, of_listing = listings.names, cats.names[cats.of_listing]
+    pairs = pa.table({schemas.LISTING_A: names[a].tolist(), schemas.LISTING_B: names[b].tolist(),
                       schemas.SIMILARITY: sims.astype(np.float32)}, schema=schemas.listing_similarity())
     ma, mb, msims = represent.merge_suggestions(a, b, sims, cfg.merge_threshold)
-    merges = pa.table({schemas.LISTING_A: reps.groups[ma].tolist(), schemas.LISTING_B: reps.groups[mb].tolist(),
-                       schemas.SIMILARITY: msims.astype(np.float32), schemas.CATEGORY_A: cats.of_listing[ma].tolist(),
-                       schemas.CATEGORY_B: cats.of_listing[mb].tolist()}, schema=schemas.merge_suggestions())
+    merges = pa.table({schemas.LISTING_A: names[ma].tolist(), schemas.LISTING_B: names[mb].tolist(),
+                       schemas.SIMILARITY: msims.astype(np.float32), schemas.CATEGORY_A: of_listing[ma].tolist(),
+                       schemas.CATEGORY_B: of_listing[mb].tolist()}, schema=schemas.merge_suggestions())
     return pairs, merges
 
 
@@ -502,23 +620,20 @@ def similarity_tables(cfg: IndexConfig, reps: represent.GroupRepresentatives,
 # The job
 
 
-def categories_of(source: Source, reps: represent.GroupRepresentatives, of_listing: np.ndarray,
-                  of_image: np.ndarray, done: PerCategory) -> Categories:
-    """Every category with its representative: from the per-category work (given categories, class nodes), else
-    the most central listing representative (discovered categories)."""
-    names = vectors.group_rows(of_image)[0]
-    counts = Counter(of_listing)
-    listings = np.asarray([counts[name] for name in names], dtype=np.int64)
-    if done.rep_vectors is not None and done.rep_rows is not None:
-        rows = done.rep_rows
-        return Categories(of_listing, of_image, names, done.rep_vectors, source.listings[rows],
-                          source.image_ids[rows], listings)
-    return Categories(of_listing, of_image, names, *discovered_representatives(source, reps, of_listing), listings)
+def category_work_of(cfg: IndexConfig, source: Source, style: Style | None, class_nodes: bool,
+                     run_dir: str) -> CategoryWork:
+    """The tasks' CategoryWork, the retrieval indexes' directories under `run_dir`."""
+    return CategoryWork(source.stage, None if style is None else style.stage, cfg.method, cfg.top_k,
+                        cfg.method if cfg.categories == "given" and not class_nodes else None, degree_options(cfg),
+                        cfg.top_m, cfg.central, cfg.seed, cfg.ann_min_size, cfg.ann_neighbours,
+                        io.join(run_dir, "ann"), None if style is None else io.join(run_dir, "style-ann"))
 
 
 def run(cfg: IndexConfig, tasks: bool | None = None) -> dict[str, Any]:
     """Build and publish the index stage; returns its manifest (the existing one when already up to date). The
-    per-category work runs in Ray tasks when `tasks`, in process when not; None: tasks from TASK_MIN_ROWS images."""
+    per-group work runs in Ray tasks when `tasks`, in process when not; None: tasks from TASK_MIN_ROWS images.
+    Given categories take one round of tasks (listings lie inside categories); discovered ones two: the listing
+    representatives, then, once the driver has discovered the categories among them, the categories."""
     with io.stage_lock(io.join(cfg.run, cfg.stage)):
         timings: dict[str, float] = {}
         source_uri = io.join(cfg.run, cfg.input_stage or cfg.source)
@@ -531,34 +646,49 @@ def run(cfg: IndexConfig, tasks: bool | None = None) -> dict[str, Any]:
         with io.timed(timings, "read"):
             source = read_source(cfg, source_uri)
             style = read_style(cfg, source_uri, source)
-        with io.timed(timings, "listings"):
-            reps = represent.represent_groups(source.vectors, source.listings, cfg.method, cfg.top_k,
-                                              **degree_options(cfg))
-        with io.timed(timings, "categories"):
-            of_listing, of_image = listing_categories(cfg, source, reps)
-            nodes = category_nodes(cfg, source_manifest)
-            targets = None if nodes is None else class_node_targets(vectors.group_rows(of_image)[0], nodes)
+        tasks = len(source.rows) >= TASK_MIN_ROWS if tasks is None else tasks
+        nodes = category_nodes(cfg, source_manifest)
         run_dir = io.new_run_dir(stage_uri)
-        tasks = len(source.image_ids) >= TASK_MIN_ROWS if tasks is None else tasks
+        work = category_work_of(cfg, source, style, nodes is not None, run_dir)
+        listings = None
+        if cfg.categories != "given":
+            with io.timed(timings, "listings"):
+                listings = discovered_listings(source, work, tasks)
+            work = dataclasses.replace(work, listing_method=None)
+        with io.timed(timings, "categories"):
+            cats = given_categories(source) if listings is None else discovered_categories(cfg, source, listings)
+            targets = None if nodes is None else class_node_targets(cats.names, nodes)
         with io.timed(timings, "per_category"):
-            done, files, pickles = per_category(cfg, source, of_image, style, targets, run_dir, tasks)
-        cats = categories_of(source, reps, of_listing, of_image, done)
-        tables = {"listings": listings_table(source, reps, cats),
-                  "categories": categories_table(source, cats, done.central)}
+            done, files, pickles = per_category(source, style, cats, targets, work, tasks)
+        listings = listings or Listings.concat(done.listings)
+        reps = done.reps or discovered_representatives(listings, cats)
+        tables = {"listings": listings_table(listings, cats), "categories": categories_table(source, cats, reps, done)}
         with io.timed(timings, "similarity"):
-            tables["listing_similarity"], tables["merge_suggestions"] = similarity_tables(cfg, reps, cats)
+            tables["listing_similarity"], tables["merge_suggestions"] = similarity_tables(cfg, listings, cats)
         files |= {name: io.write_table(table, run_dir, f"{name}.parquet") for name, table in tables.items()}
-        stage_path = io.url_to_fs(stage_uri)[1]
-        relative = {name: posixpath.relpath(io.url_to_fs(uri)[1], stage_path) for name, uri in files.items()}
         return io.publish(
-            stage_uri, NAME, list(files.values()) + pickles, config.to_dict(cfg), upstream,
-            tables=relative, rows=len(source.image_ids), skipped=source.skipped, listings=len(reps.groups),
-            categories=len(cats.names), ann_categories=sum(a is not None for a in done.ann),
+            stage_uri, NAME, [*_flat(files.values()), *pickles], config.to_dict(cfg), upstream,
+            tables=_relative(stage_uri, files), rows=len(source.rows), skipped=source.skipped,
+            listings=len(listings.names), categories=len(cats.names),
+            ann_categories=sum(a is not None for a in done.ann),
             category_representatives=("class-nodes" if nodes is not None else
                                       cfg.method if cfg.categories == "given" else "most_central"),
-            category_groups=done.groups, category_tasks=tasks,
-            merge_suggestions=tables["merge_suggestions"].num_rows, dim=int(source.vectors.shape[1]),
-            style_dim=0 if style is None else int(style.shape[1]), timings=timings)
+            category_groups=done.groups, category_tasks=tasks, merge_suggestions=tables["merge_suggestions"].num_rows,
+            dim=source.stage.dim, style_dim=0 if style is None else style.stage.dim, timings=timings)
+
+
+def _flat(files: Iterable[str | list[str]]) -> list[str]:
+    return [uri for entry in files for uri in ([entry] if isinstance(entry, str) else entry)]
+
+
+def _relative(stage_uri: str, files: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
+    """The tables' files relative to the stage, as its manifest lists them (see io.table_uris)."""
+    stage_path = io.url_to_fs(stage_uri)[1]
+
+    def relative(uri: str) -> str:
+        return posixpath.relpath(io.url_to_fs(uri)[1], stage_path)
+
+    return {name: relative(uri) if isinstance(uri, str) else [relative(u) for u in uri] for name, uri in files.items()}
 
 
 def summary(manifest: dict[str, Any]) -> str:
@@ -577,9 +707,9 @@ def summary(manifest: dict[str, Any]) -> str:
 
 
 def save_retrieval_index(index: CategoryIndex, dir_uri: str) -> list[str]:
-    """Write vectors.parquet, catalog.parquet and one pynndescent pickle per ANN category into `dir_uri`;
-    returns the URIs written, vectors first and catalog last."""
-    written = [io.write_table(_vectors_table(index), dir_uri, VECTORS_FILE)]
+    """Write one vectors file (VECTORS_FILE of position 0: every category), catalog.parquet and one pynndescent
+    pickle per ANN category into `dir_uri`; returns the URIs written, vectors first and catalog last."""
+    written = [io.write_table(_vectors_table(index), dir_uri, VECTORS_FILE.format(0))]
     anns: list[tuple[str, str] | None] = []
     for position, category in enumerate(index.categories):
         ann = index.parts[category].ann
@@ -614,7 +744,8 @@ def _vectors_table(index: CategoryIndex) -> pa.Table:
 
 
 def load_retrieval_index(dir_uri: str, epsilon: float = 0.1) -> CategoryIndex:
-    """Read an index written by `save_retrieval_index`.
+    """Read an index written by `save_retrieval_index` or by the stage: its vectors files (one per group of
+    categories) in the order of the category positions they are named after, checked against the catalog.
 
     Trust: the ANN files are Python pickles, and unpickling runs code. Each file's SHA-256 is checked
     against catalog.parquet before it is unpickled, which catches partial, stale or swapped files, but
@@ -624,7 +755,9 @@ def load_retrieval_index(dir_uri: str, epsilon: float = 0.1) -> CategoryIndex:
     """
     fs, path = io.url_to_fs(dir_uri)
     catalog = _read(fs, posixpath.join(path, CATALOG_FILE), dir_uri, "ann_catalog").to_pylist()
-    table = _read(fs, posixpath.join(path, VECTORS_FILE), dir_uri, "ann_vectors")
+    table = _read_vectors(fs, path, dir_uri)
+    if table.num_rows != sum(entry[schemas.SIZE] for entry in catalog):
+        raise IndexFileError(f"{dir_uri}: {VECTORS_GLOB} rows do not match {CATALOG_FILE}; rebuild the index")
     unit = vectors.from_arrow(table[schemas.VECTOR])
     columns = {c: np.asarray(table[c].to_pylist(), dtype=object)
                for c in (schemas.CATEGORY, schemas.IMAGE_ID, schemas.LISTING, schemas.LABEL)}
@@ -633,7 +766,7 @@ def load_retrieval_index(dir_uri: str, epsilon: float = 0.1) -> CategoryIndex:
         rows = slice(start, start + entry[schemas.SIZE])
         start += entry[schemas.SIZE]
         if not (columns[schemas.CATEGORY][rows] == entry[schemas.CATEGORY]).all():
-            raise IndexFileError(f"{dir_uri}: {VECTORS_FILE} rows do not match {CATALOG_FILE}; rebuild the index")
+            raise IndexFileError(f"{dir_uri}: {VECTORS_GLOB} rows do not match {CATALOG_FILE}; rebuild the index")
         part = CategoryPart(columns[schemas.IMAGE_ID][rows], columns[schemas.LABEL][rows],
                             columns[schemas.LISTING][rows], np.ascontiguousarray(unit[rows]))
         if entry[schemas.ANN_FILE]:
@@ -641,6 +774,18 @@ def load_retrieval_index(dir_uri: str, epsilon: float = 0.1) -> CategoryIndex:
                                  dir_uri)
         parts[entry[schemas.CATEGORY]] = part
     return CategoryIndex(parts, epsilon)
+
+
+def _read_vectors(fs: Any, path: str, dir_uri: str) -> pa.Table:
+    """The vectors files of a retrieval index, in category order: by the position each file is named after (or the
+    single vectors.parquet of an index published before the files were split per group)."""
+    files = sorted(fs.glob(posixpath.join(path, VECTORS_GLOB)),
+                   key=lambda name: int(posixpath.basename(name).removeprefix("vectors-").removesuffix(".parquet")))
+    if not files and fs.exists(posixpath.join(path, "vectors.parquet")):
+        files = [posixpath.join(path, "vectors.parquet")]
+    if not files:
+        raise IndexFileError(f"{dir_uri}: missing {VECTORS_GLOB}; rebuild the index with jobs.index")
+    return pa.concat_tables([_read(fs, name, dir_uri, "ann_vectors") for name in files])
 
 
 def _read(fs: Any, path: str, dir_uri: str, table: str) -> pa.Table:
