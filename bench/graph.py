@@ -21,9 +21,9 @@ synthetic vectors (written once per N and dim under --workdir, in files of 100,0
 Each partition count (and, sharded, each --refine count) runs `gatrep.stages.graph.run` in a fresh subprocess
 (1: the single build, which reads every vector; more: Ray tasks on a local instance of --cpus CPUs read them).
 Reported: wall time of the stage, recall@k of the published graph on the manifest's 1,000-node sample against
-exact search, the driver's peak RSS (ru_maxrss of the subprocess, Ray's client included when sharded), and the
-largest peak RSS of one cell task, one file-split task and one refinement task (VmHWM of the Ray worker, reset
-when each task starts).
+exact search (and, sharded, of the merged cells before refinement), the driver's peak RSS (ru_maxrss of the
+subprocess, Ray's client included when sharded), and the largest peak RSS of one cell task, one file-split task
+and one refinement task (VmHWM of the Ray worker, reset when each task starts).
 """
 
 from __future__ import annotations
@@ -175,6 +175,7 @@ def measure_stage(args: argparse.Namespace, n: int, partitions: int, refine: int
             "probe": counts.get("probe", 0), "refine": counts.get("refine", 0),
             "wall_s": round(time.perf_counter() - start, 1), "build_s": manifest["timings"]["build"],
             f"recall@{args.k}": round(manifest["recall"]["value"], 4),
+            "recall_before_refine": round(counts.get("recall_before_refine") or float("nan"), 4),
             "driver_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gib, 2),
             "driver_before_gib": round(before / gib, 2),
             "cell_task_gib": round(counts.get("peak_cell_task_bytes", 0) / gib, 2),
@@ -192,18 +193,20 @@ def resident_bytes() -> int:
 def print_stage_table(rows: list[dict], k: int) -> None:
     """The graph stage figures, one line per (N, partitions)."""
     print(f"{'nodes':>9} {'dim':>5} {'parts':>5} {'overlap':>7} {'probe':>5} {'refine':>6} {'wall s':>8} "
-          f"{'build s':>8} {f'recall@{k}':>10} {'driver GiB':>10} {'(before)':>8} {'cell task GiB':>13} "
-          f"{'split task GiB':>14} {'refine task GiB':>15} {'largest cell':>12}")
+          f"{'build s':>8} {f'recall@{k}':>10} {'(unrefined)':>11} {'driver GiB':>10} {'(before)':>8} "
+          f"{'cell task GiB':>13} {'split task GiB':>14} {'refine task GiB':>15} {'largest cell':>12}")
     for r in rows:
         if "error" in r:
             print(f"{r['nodes']:>9} {'':>5} {r['partitions']:>5}  failed: {r['error']}")
             continue
         print(f"{r['nodes']:>9} {r['dim']:>5} {r['partitions']:>5} {r['overlap']:>7} {r['probe']:>5} "
               f"{r['refine']:>6} {r['wall_s']:>8.1f} {r['build_s']:>8.1f} {r[f'recall@{k}']:>10.4f} "
+              f"{r['recall_before_refine']:>11.4f} "
               f"{r['driver_gib']:>10.2f} {r['driver_before_gib']:>8.2f} {r['cell_task_gib']:>13.2f} "
               f"{r['split_task_gib']:>14.2f} {r['refine_task_gib']:>15.2f} {r['largest_cell']:>12}")
-    print("partitions 1: the single build in the driver (no Ray, no tasks); GiB: peak resident memory; (before): "
-          "the driver's resident memory when the stage started (imports, Ray client)")
+    print("partitions 1: the single build in the driver (no Ray, no tasks); (unrefined): recall of the merged cells "
+          "before the refinement rounds, on the same sample; GiB: peak resident memory; (before): the driver's "
+          "resident memory when the stage started (imports, Ray client)")
 
 
 def print_table(rows: list[dict], k: int) -> None:

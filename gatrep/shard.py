@@ -216,13 +216,15 @@ class Source:
 @dataclasses.dataclass(frozen=True)
 class Built:
     """A graph built from a Source: [n, k] neighbours (PAD) and cosines (NaN), counts as sharded_knn's, the
-    exact [q, k] cosines of the query nodes (for recall), and the largest peak RSS in bytes of each task kind."""
+    exact [q, k] cosines of the query nodes (for recall), the largest peak RSS in bytes of each task kind, and the
+    (neighbours, cosines) the cells gave before any refinement round (None without one)."""
 
     neighbours: np.ndarray
     similarities: np.ndarray
     counts: dict[str, int]
     query_similarities: np.ndarray
     peak_bytes: dict[str, int]
+    unrefined: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def build_from_files(source: Source, k: int, partitions: int, scratch: str, queries: np.ndarray, *,
@@ -350,6 +352,7 @@ def _refine(built: Built, home: np.ndarray, scratch: str, rounds: int) -> Built:
     neighbour they share. Each cell's home nodes (those whose nearest cell it is) and vectors are put in the object
     store once by a `_home_rows` task; one `_refine_cell` task per cell refines its home nodes, taking the vectors
     of their candidates from the cells that hold them. The driver holds object references, ids and cosines."""
+    unrefined = built.neighbours, built.similarities
     cells = [int(c) for c in np.unique(home)]
     homes = {cell: _home_rows.remote(scratch, cell) for cell in cells}  # the values stay in the object store
     peak = 0
@@ -363,7 +366,7 @@ def _refine(built: Built, home: np.ndarray, scratch: str, rounds: int) -> Built:
             neighbours[nodes], similarities[nodes] = ids, sims
             peak = max(peak, task_peak)
         built = dataclasses.replace(built, neighbours=neighbours, similarities=similarities)
-    return dataclasses.replace(built, peak_bytes={**built.peak_bytes, "refine_task": peak})
+    return dataclasses.replace(built, peak_bytes={**built.peak_bytes, "refine_task": peak}, unrefined=unrefined)
 
 
 @ray.remote

@@ -201,7 +201,7 @@ def test_probing_and_refinement_find_neighbours_across_cells(write_embeddings, t
     run = str(tmp_path)
     write_embeddings(run, vectors)
     exact, _ = exact_knn(vectors, 10)
-    recall = {}
+    recall, sampled = {}, {}
     for overlap, probe, refine in ((1, 1, 0), (1, 3, 0), (2, 2, 0), (2, 2, 1)):
         manifest = graph_stage.run(GraphConfig(run=run, k=10, partitions=6, overlap=overlap, probe=probe,
                                                refine=refine, n_jobs=1))
@@ -210,8 +210,10 @@ def test_probing_and_refinement_find_neighbours_across_cells(write_embeddings, t
         assert manifest["counts"]["visitors"] == 1_800 * (probe - overlap)
         assert manifest["counts"]["refine"] == refine
         assert manifest["recall"]["value"] == pytest.approx(found, abs=0.05), "sampled recall agrees"
+        sampled[overlap, probe, refine] = manifest["recall"]["value"]
         np.testing.assert_allclose(built.similarities, np.einsum("nkd,nd->nk", vectors[built.neighbours], vectors),
                                    atol=1e-5)
     assert recall[1, 3, 0] >= recall[1, 1, 0] + 0.1 and recall[1, 3, 0] >= 0.9, recall
     # Built in two cells each (0.97 here), a round of refinement at least halves the neighbours missed.
     assert 1 - recall[2, 2, 1] <= (1 - recall[2, 2, 0]) / 2 and recall[2, 2, 1] >= 0.98, recall
+    assert manifest["counts"]["recall_before_refine"] == sampled[2, 2, 0], "the same cells, before the round"

@@ -167,7 +167,7 @@ def run(cfg: GraphConfig) -> dict[str, Any]:
         )
 
 
-GraphLists = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, int], "float | None"]
+GraphLists = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any], "float | None"]
 
 
 def _single(nodes: Nodes, old: Graph | None, cfg: GraphConfig, embeddings_uri: str,
@@ -197,9 +197,12 @@ def _build_sharded(index: NodeIndex, cfg: GraphConfig, stage_uri: str, timings: 
     check_size(len(index), cfg, index.where)
     with io.timed(timings, "build"):
         built = _sharded(index, partitions, cfg, stage_uri)
-    counts = {**built.counts, **{f"peak_{kind}_bytes": peak for kind, peak in built.peak_bytes.items()}}
+    counts: dict[str, Any] = {**built.counts, **{f"peak_{kind}_bytes": peak for kind, peak in built.peak_bytes.items()}}
     recall = knn.recall_of(built.neighbours, built.similarities, built.query_similarities, cfg.recall_sample,
                            cfg.seed)
+    if built.unrefined is not None:  # what the refinement rounds gained, measured on the same sample
+        counts["recall_before_refine"] = knn.recall_of(*built.unrefined, built.query_similarities,
+                                                       cfg.recall_sample, cfg.seed)
     return np.arange(len(index)), index.image_id, built.neighbours, built.similarities, counts, recall
 
 
@@ -289,7 +292,8 @@ def summary(manifest: dict[str, Any]) -> str:
         + (f"{counts['partitions']} cells of {counts['smallest_cell']}..{counts['largest_cell']} nodes (overlap "
            f"{counts['overlap']}" + (f", probe {counts['probe']}: {counts['visitors']} visits"
                                      if counts.get("probe", 0) > counts["overlap"] else "")
-           + (f", {counts['refine']} refinement rounds" if counts.get("refine") else "") + "; "
+           + (f", {counts['refine']} refinement rounds (recall before them: {counts['recall_before_refine']:.4f})"
+              if counts.get("recall_before_refine") is not None else "") + "; "
            if "partitions" in counts else f"groups: {counts['groups']} (")
         + f"{counts['exact_groups']} exact, {counts['approximate_groups']} pynndescent)",
         *([f"  updated from {manifest['upstream']['previous_graph']['uri']}: {counts['new_nodes']} new or changed "
