@@ -246,7 +246,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                                                      "(1 = the single build) instead of pynndescent alone")
     p.add_argument("--overlap", type=int, default=3, help="with --partitions: cells each node is built in")
     p.add_argument("--probe", type=int, default=0, help="with --partitions: cells each node is searched in")
-    p.add_argument("--refine", default="1", help="with --partitions: comma-separated refinement rounds to compare "
+    p.add_argument("--refine", default="2", help="with --partitions: comma-separated refinement rounds to compare "
                                                  "(neighbours of neighbours, exact; each value a run)")
     p.add_argument("--cpus", type=int, default=None, help="with --partitions: CPUs of the local Ray instance")
     p.add_argument("--workdir", default=str(CACHE), help="with --partitions: where the embeddings stages are kept")

@@ -175,7 +175,7 @@ class GraphConfig:
                                      "index); 0 = --overlap"},
     )
     refine: int = dataclasses.field(
-        default=1, metadata={"help": "with --partitions: rounds of refinement after the cells are merged, each giving "
+        default=2, metadata={"help": "with --partitions: rounds of refinement after the cells are merged, each giving "
                                      "every node the k best of its neighbours and their neighbours by exact cosine "
                                      "(finds neighbours that shared no cell with it); 0 = none"},
     )

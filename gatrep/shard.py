@@ -228,7 +228,7 @@ class Built:
 
 
 def build_from_files(source: Source, k: int, partitions: int, scratch: str, queries: np.ndarray, *,
-                     exact_below: int = 4096, overlap: int = 2, probe: int = 0, refine: int = 1, seed: int = 0,
+                     exact_below: int = 4096, overlap: int = 2, probe: int = 0, refine: int = 2, seed: int = 0,
                      n_jobs: int = -1, **approx: Any) -> Built:
     """The cosine k-NN graph of the vectors in `source`, built as sharded_knn builds it (partitions >= 2), with
     no process holding more than one file's or one cell's vectors.
