@@ -19,6 +19,11 @@ import pytest
 
 from gatrep import io, schemas
 
+# Ray Train's controller polls its workers every 2 s by default, and starting, finishing and restarting a worker
+# group each wait for a poll: on these tiny runs that is seconds of idle time per training (about 14 s of
+# tests/test_classnodes_stage.py's 71 s). Set before any Ray instance starts, so that its processes inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
