@@ -372,7 +372,7 @@ def _refine(built: Built, home: np.ndarray, scratch: str, rounds: int) -> Built:
 @ray.remote
 def _home_rows(scratch: str, cell: int) -> tuple[np.ndarray, np.ndarray]:
     """(sorted node ids, vectors) of the home nodes of `cell`, from its scratch files."""
-    table = pa.concat_tables(_read_parquet(uri) for uri in io.list_parquet(_cell_dir(scratch, cell)))
+    table = _read_cell(scratch, cell)
     table = table.filter(table["home"]).sort_by("node")
     return table["node"].to_numpy(), from_arrow(table["vector"])
 
@@ -552,7 +552,7 @@ def _cell_task(scratch: str, cell: int, k: int, exact_below: int, approx: dict[s
     `exact_below` members, else pynndescent's graph and search), as (member ids, [m, k] neighbour ids, cosines,
     visitor ids, [v, k] neighbour ids, cosines, peak bytes), all node ids."""
     _reset_peak()
-    table = pa.concat_tables(_read_parquet(uri) for uri in io.list_parquet(_cell_dir(scratch, cell)))
+    table = _read_cell(scratch, cell)
     table = table.sort_by("node")
     member = table["member"].to_numpy(zero_copy_only=False)
     nodes = table["node"].to_numpy()
@@ -571,6 +571,11 @@ def _cell_task(scratch: str, cell: int, k: int, exact_below: int, approx: dict[s
 def _global(members: np.ndarray, local: np.ndarray) -> np.ndarray:
     """Cell-local row ids (PAD kept) as node ids."""
     return np.where(local == PAD, PAD, members[np.where(local == PAD, 0, local)])
+
+
+def _read_cell(scratch: str, cell: int) -> pa.Table:
+    """Every row the split wrote to `cell` (node, vector, member, home), from all its Parquet files."""
+    return pa.concat_tables(_read_parquet(uri) for uri in io.list_parquet(_cell_dir(scratch, cell)))
 
 
 def _read_parquet(uri: str) -> pa.Table:
