@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from gatrep import categorize as query
@@ -213,6 +214,13 @@ def test_exact_index_round_trips_without_pickles(tmp_path):
     assert loaded.categories == ["A", "B"] and loaded.size("A") == 3 and loaded.size("C") == 0
     assert loaded.retrieve(vectors[4:5], "B", k=1)[0].tolist() == [["b2"]]
     assert loaded.label_counts() == {"A": 3, "B": 2}
+    vectors_file = tmp_path / "vectors-00000.parquet"
+    pq.write_table(pq.read_table(vectors_file).slice(0, 4), vectors_file)  # one row short of the catalog
+    with pytest.raises(IndexFileError, match=r"vectors-\*\.parquet rows do not match catalog\.parquet"):
+        load_retrieval_index(str(tmp_path))
+    vectors_file.unlink()
+    with pytest.raises(IndexFileError, match=r"missing vectors-\*\.parquet; rebuild the index"):
+        load_retrieval_index(str(tmp_path))
     (tmp_path / "catalog.parquet").unlink()
     with pytest.raises(IndexFileError, match="missing catalog.parquet"):
         load_retrieval_index(str(tmp_path))
