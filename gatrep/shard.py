@@ -263,9 +263,10 @@ def build_from_files(source: Source, k: int, partitions: int, scratch: str, quer
     try:
         split = _split(source, centres, (overlap, probe), queries, query_vectors, k, scratch)
         approx = {**approx, "seed": seed, "build_k": approx.get("build_k") or max(2 * k, 30)}  # as for k alone
-        built = _build_cells(n, 2 * k if refine else k, split, scratch, exact_below, approx, n_jobs, (overlap, probe))
+        built, homes = _build_cells(n, 2 * k if refine else k, split, scratch, exact_below, approx, n_jobs,
+                                    (overlap, probe), keep_homes=refine > 0)
         if refine:
-            built = _refine(built, split["home"], scratch, refine)
+            built = _refine(built, split["home"], homes, refine)
         return dataclasses.replace(built, neighbours=built.neighbours[:, :k], similarities=built.similarities[:, :k],
                                    counts={**built.counts, "refine": refine})
     finally:
@@ -323,13 +324,16 @@ def _refuse(problems: dict[str, list[Any]], where: str) -> None:
 
 
 def _build_cells(n: int, k: int, split: dict[str, Any], scratch: str, exact_below: int, approx: dict[str, Any],
-                 n_jobs: int, reach: tuple[int, int]) -> Built:
+                 n_jobs: int, reach: tuple[int, int], keep_homes: bool) -> tuple[Built, dict[int, Any]]:
     """One _cell_task per non-empty cell; their candidate lists (members' and visitors') merged into [n, k] as
-    they finish."""
+    they finish; and, with `keep_homes`, each cell's reference to its home rows (left in the object store)."""
     cells = [int(c) for c in np.flatnonzero(split["sizes"])]
     task_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // len(cells))
     options = {**approx, "n_jobs": task_cpus if n_jobs == -1 else n_jobs}
-    pending = [_cell_task.options(num_cpus=task_cpus).remote(scratch, c, k, exact_below, options) for c in cells]
+    refs: dict[int, Any] = {  # cell: [lists, homes] (two returns; Ray's stubs know one)
+        c: _cell_task.options(num_cpus=task_cpus).remote(scratch, c, k, exact_below, options, keep_homes)
+        for c in cells}
+    pending = [lists for lists, _ in refs.values()]
     neighbours = np.full((n, k), PAD, dtype=np.int64)
     similarities = np.full((n, k), np.nan, dtype=np.float32)
     peak = 0
@@ -347,21 +351,21 @@ def _build_cells(n: int, k: int, split: dict[str, Any], scratch: str, exact_belo
               "groups_smaller_than_k_plus_1": int(n <= k), "partitions": len(cells), "overlap": reach[0],
               "largest_cell": max(sizes), "smallest_cell": min(sizes), "probe": reach[1],
               "visitors": int(split["visitors"].sum())}
-    return Built(neighbours, similarities, counts, split["query_similarities"],
-                 {"split_task": split["peak"], "cell_task": peak})
+    return (Built(neighbours, similarities, counts, split["query_similarities"],
+                  {"split_task": split["peak"], "cell_task": peak}),
+            {c: homes for c, (_, homes) in refs.items()})
 
 
-def _refine(built: Built, home: np.ndarray, scratch: str, rounds: int) -> Built:
+def _refine(built: Built, home: np.ndarray, homes: dict[int, Any], rounds: int) -> Built:
     """`rounds` rounds of NN-descent's join over forward edges: each node's list becomes the best (as many as it
     holds), by exact cosine, of its neighbours and their neighbours, so that a neighbour that shared no cell with it
-    is found through a neighbour they share. Each cell's home nodes (those whose nearest cell it is) and vectors are
-    put in the object store once by a `_home_rows` task; one `_refine_cell` task per cell refines its home nodes,
-    taking the vectors of their candidates from the cells that hold them. The driver holds object references, ids
+    is found through a neighbour they share. `homes`: each cell's home nodes (those whose nearest cell it is) and
+    their vectors, left in the object store by its `_cell_task`; one `_refine_cell` task per cell refines its home
+    nodes, taking the vectors of their candidates from the cells that hold them. The driver holds object references, ids
     and cosines."""
     k = built.query_similarities.shape[1]
     unrefined = built.neighbours[:, :k], built.similarities[:, :k]
     cells = [int(c) for c in np.unique(home)]
-    homes = {cell: _home_rows.remote(scratch, cell) for cell in cells}  # the values stay in the object store
     peak = 0
     for _ in range(rounds):
         graph_ref, home_ref = ray.put(built.neighbours), ray.put(home)
@@ -377,19 +381,11 @@ def _refine(built: Built, home: np.ndarray, scratch: str, rounds: int) -> Built:
 
 
 @ray.remote
-def _home_rows(scratch: str, cell: int) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted node ids, vectors) of the home nodes of `cell`, from its scratch files."""
-    table = _read_cell(scratch, cell)
-    table = table.filter(table["home"]).sort_by("node")
-    return table["node"].to_numpy(), from_arrow(table["vector"])
-
-
-@ray.remote
 def _refine_cell(own: tuple[np.ndarray, np.ndarray], graph: np.ndarray, home: np.ndarray,
                  homes: dict[int, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """The `own` home nodes of one cell (ids, vectors), their [m, k] refined neighbours and cosines (see `_refine`),
-    and this task's peak bytes. `homes`: every cell's `_home_rows` reference, fetched for the cells that hold a
-    candidate."""
+    and this task's peak bytes. `homes`: every cell's home rows reference (`_cell_task`), fetched for the cells
+    that hold a candidate."""
     _reset_peak()
     mine, mine_vecs = own
     first = graph[mine]
@@ -552,19 +548,23 @@ def _query_similarities(query_vectors: np.ndarray, queries: np.ndarray, unit: np
     return _top_similarities(np.where(own, np.nan, sims), np.full((len(queries), k), np.nan, np.float32), k)
 
 
-@ray.remote
-def _cell_task(scratch: str, cell: int, k: int, exact_below: int, approx: dict[str, Any]
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+@ray.remote(num_returns=2)
+def _cell_task(scratch: str, cell: int, k: int, exact_below: int, approx: dict[str, Any], keep_homes: bool
+               ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int],
+                          tuple[np.ndarray, np.ndarray] | None]:
     """One cell from its Parquet files: its members' k-NN and its visitors' k nearest members (exact below
     `exact_below` members, else pynndescent's graph and search), as (member ids, [m, k] neighbour ids, cosines,
-    visitor ids, [v, k] neighbour ids, cosines, peak bytes), all node ids."""
+    visitor ids, [v, k] neighbour ids, cosines, peak bytes), all node ids; and, with `keep_homes`, its home nodes
+    (sorted) and their vectors, for the refinement rounds."""
     _reset_peak()
     table = _read_cell(scratch, cell)
     table = table.sort_by("node")
     member = table["member"].to_numpy(zero_copy_only=False)
+    home = table["home"].to_numpy(zero_copy_only=False)
     nodes = table["node"].to_numpy()
     unit = from_arrow(table["vector"])
     del table
+    homes = (nodes[home], unit[home]) if keep_homes else None
     members, visitors, inside, outside = nodes[member], nodes[~member], unit[member], unit[~member]
     del unit
     if len(members) < exact_below:
@@ -572,7 +572,7 @@ def _cell_task(scratch: str, cell: int, k: int, exact_below: int, approx: dict[s
     else:
         (local, sims), (found, found_sims) = approximate_search(inside, outside, k, **approx)
     return (members, _global(members, local), sims, visitors, _global(members, found), found_sims,
-            _peak_bytes())
+            _peak_bytes()), homes
 
 
 def _global(members: np.ndarray, local: np.ndarray) -> np.ndarray:
