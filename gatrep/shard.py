@@ -36,6 +36,8 @@ KMEANS_SAMPLE = 20_000
 ROW_OVERHEAD = 4_096
 # Fraction of a task's share of cluster memory that its cell may fill.
 MEMORY_FRACTION = 0.5
+# Nodes a refinement task ranks candidates for at once: 8,192 x (30 + 900) candidates is 60 MB of ids.
+REFINE_BLOCK = 8_192
 
 
 def choose_partitions(n: int, dim: int, memory_bytes: float, cpus: float, overlap: int = 2) -> int:
@@ -381,33 +383,44 @@ def _refine(built: Built, home: np.ndarray, homes: dict[int, Any], rounds: int) 
 
 
 @ray.remote
-def _refine_cell(own: tuple[np.ndarray, np.ndarray], graph: np.ndarray, home: np.ndarray,
-                 homes: dict[int, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def _refine_cell(own: tuple[np.ndarray, np.ndarray], graph: np.ndarray, home: np.ndarray, homes: dict[int, Any],
+                 block: int = REFINE_BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """The `own` home nodes of one cell (ids, vectors), their [m, k] refined neighbours and cosines (see `_refine`),
     and this task's peak bytes. `homes`: every cell's home rows reference (`_cell_task`), fetched for the cells
-    that hold a candidate."""
+    that hold a candidate. Candidates are made, scored and ranked `block` nodes at a time: a cell of m nodes
+    holds m x (k + k^2) of them, 2 GB of ids alone for 250k nodes at k = 30."""
     _reset_peak()
     mine, mine_vecs = own
-    first = graph[mine]
-    second = np.where((first == PAD)[:, :, None], PAD, graph[np.where(first == PAD, 0, first)])
-    candidates = np.concatenate([first, second.reshape(len(mine), -1)], axis=1)
-    wanted = np.unique(candidates)
+    blocks = [slice(start, start + block) for start in range(0, len(mine), block)]
+    wanted = np.unique(np.concatenate([np.unique(_candidates(graph, mine[b])) for b in blocks]))
     wanted = wanted[wanted != PAD]
     if len(wanted) == 0:  # no node of the cell has a neighbour yet: nothing to refine
-        return mine, first, np.full(first.shape, np.nan, dtype=np.float32), _peak_bytes()
+        return mine, graph[mine], np.full(graph[mine].shape, np.nan, dtype=np.float32), _peak_bytes()
     vecs = np.empty((len(wanted), mine_vecs.shape[1]), dtype=np.float32)
     for cell in np.unique(home[wanted]):
         nodes, cell_vecs = ray.get(homes[int(cell)])
         here = np.flatnonzero(home[wanted] == cell)
         vecs[here] = cell_vecs[np.searchsorted(nodes, wanted[here])]
-    sims = np.full(candidates.shape, np.nan, dtype=np.float32)
-    step = max(1, (8 << 20) // (candidates.shape[1] * vecs.shape[1]))  # 32 MB gathered at once: 5x faster than 4 GB
-    for start in range(0, len(mine), step):
-        block = candidates[start:start + step]
-        gathered = np.take(vecs, np.searchsorted(wanted, np.where(block == PAD, wanted[0], block)), axis=0)
-        scores = np.matmul(gathered, mine_vecs[start:start + step, :, None])[:, :, 0]
-        sims[start:start + step] = np.where(block == PAD, np.nan, scores)
-    return (mine, *_best_distinct(candidates, sims, graph.shape[1], own=mine), _peak_bytes())
+    neighbours = np.empty((len(mine), graph.shape[1]), dtype=np.int64)
+    similarities = np.empty(neighbours.shape, dtype=np.float32)
+    for b in blocks:
+        candidates = _candidates(graph, mine[b])
+        sims = np.full(candidates.shape, np.nan, dtype=np.float32)
+        step = max(1, (8 << 20) // (candidates.shape[1] * vecs.shape[1]))  # 32 MB gathered: 5x faster than 4 GB
+        for start in range(0, len(candidates), step):
+            part = candidates[start:start + step]
+            gathered = np.take(vecs, np.searchsorted(wanted, np.where(part == PAD, wanted[0], part)), axis=0)
+            scores = np.matmul(gathered, mine_vecs[b][start:start + step, :, None])[:, :, 0]
+            sims[start:start + step] = np.where(part == PAD, np.nan, scores)
+        neighbours[b], similarities[b] = _best_distinct(candidates, sims, graph.shape[1], own=mine[b])
+    return mine, neighbours, similarities, _peak_bytes()
+
+
+def _candidates(graph: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+    """[len(nodes), k + k^2]: each node's neighbours in `graph` and their neighbours, PAD where none."""
+    first = graph[nodes]
+    second = np.where((first == PAD)[:, :, None], PAD, graph[np.where(first == PAD, 0, first)])
+    return np.concatenate([first, second.reshape(len(nodes), -1)], axis=1)
 
 
 def _top_similarities(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:

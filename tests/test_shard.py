@@ -55,6 +55,29 @@ def test_merge_candidates_keeps_k_best_distinct_and_drops_self_by_hand() -> None
     assert np.isnan(sims[1:, 1:]).all() and np.isnan(sims[2, 0]), "missing neighbours have no similarity"
 
 
+def test_a_refinement_task_ranks_the_same_candidates_block_by_block() -> None:
+    # A cell's home nodes are refined a block at a time (memory); blocks of 7 give what one block gives: each node's
+    # best of its neighbours and their neighbours, by exact cosine.
+    import ray
+
+    vectors = normalise(np.random.default_rng(0).standard_normal((60, 8)).astype(np.float32))
+    graph = np.roll(np.arange(60), -1)[:, None] + np.array([0, 5, 11])  # arbitrary neighbours, ids wrap below
+    graph = np.where(graph >= 60, graph - 60, graph)
+    graph[3] = PAD  # a node without neighbours keeps none
+    home = np.zeros(60, dtype=np.int64)
+    homes = {0: ray.put((np.arange(60), vectors))}
+    mine = np.arange(0, 60, 3)
+    whole = ray.get(shard._refine_cell.remote((mine, vectors[mine]), graph, home, homes, block=1_000))
+    blocked = ray.get(shard._refine_cell.remote((mine, vectors[mine]), graph, home, homes, block=7))
+    for a, b in zip(whole[:3], blocked[:3], strict=True):
+        np.testing.assert_array_equal(a, b)
+    for node, found in zip(mine, whole[1], strict=True):
+        first = graph[node][graph[node] != PAD]
+        candidates = (set(first) | set(graph[first].ravel())) - {PAD, node}
+        best = sorted(candidates, key=lambda c: -float(vectors[c] @ vectors[node]))[:3]
+        assert list(found[found != PAD]) == best, node
+
+
 def test_one_partition_is_the_single_build(clustered) -> None:
     vectors = clustered(50, 6, dim=16)
     single = knn.grouped_knn(vectors, np.zeros(len(vectors)), 5, exact_below=4096, n_jobs=1, seed=3)
