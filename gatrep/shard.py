@@ -240,12 +240,12 @@ def build_from_files(source: Source, k: int, partitions: int, scratch: str, quer
     (visitors), writes them to one Parquet file per cell under `scratch` (removed at the end) and searches the
     queries exactly among them; one task per cell builds its members' k-NN and searches its visitors in it; the
     driver merges the candidate lists as they come. Then `refine` rounds of `_refine_cell` tasks, one per cell,
-    each give its home nodes (those whose nearest cell it is) the k best of their neighbours and their neighbours'
+    each give its home nodes (those whose nearest cell it is) the best of their neighbours and their neighbours'
     neighbours by exact cosine. While refining, every list is 2k long (the cells give their next k neighbours too:
     pynndescent keeps them while it builds anyway): those are the bridges to neighbours across a cell boundary
-    (bench/graph.py, 1M x 512 in 16 cells, two rounds: recall@15 0.997 with 2k-long lists, 0.962 with k-long ones).
-    Refuses (GraphInputError) null, NaN/inf or all-zero vectors, naming uris, before
-    any cell is built. Needs Ray initialised.
+    (bench/graph.py, 1M x 512 in 16 cells, two rounds: recall@15 0.997 with 2k-long lists, 0.962 with k-long ones);
+    the best k are kept. Refuses (GraphInputError) null, NaN/inf or all-zero vectors, naming uris, before any cell
+    is built. Needs Ray initialised.
     """
     n = source.n
     overlap = max(1, min(overlap, partitions - 1))
