@@ -406,7 +406,9 @@ def _refine_cell(own: tuple[np.ndarray, np.ndarray], graph: np.ndarray, home: np
     for b in blocks:
         candidates = _candidates(graph, mine[b])
         sims = np.full(candidates.shape, np.nan, dtype=np.float32)
-        step = max(1, (8 << 20) // (candidates.shape[1] * vecs.shape[1]))  # 32 MB gathered: 5x faster than 4 GB
+        # 32 MB gathered at a time: np.take + matmul took 0.94 s where 128 MB blocks, fancy indexing and einsum took
+        # 1.63 s (2,000 nodes x 930 candidates x 512-d, one run each)
+        step = max(1, (8 << 20) // (candidates.shape[1] * vecs.shape[1]))
         for start in range(0, len(candidates), step):
             part = candidates[start:start + step]
             gathered = np.take(vecs, np.searchsorted(wanted, np.where(part == PAD, wanted[0], part)), axis=0)
