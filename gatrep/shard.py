@@ -388,7 +388,7 @@ def _refine_cell(own: tuple[np.ndarray, np.ndarray], graph: np.ndarray, home: np
     """The `own` home nodes of one cell (ids, vectors), their [m, k] refined neighbours and cosines (see `_refine`),
     and this task's peak bytes. `homes`: every cell's home rows reference (`_cell_task`), fetched for the cells
     that hold a candidate. Candidates are made, scored and ranked `block` nodes at a time: a cell of m nodes
-    holds m x (k + k^2) of them, 2 GB of ids alone for 250k nodes at k = 30."""
+    holds m x (w + w^2) of them for lists of w: 2 GB of ids alone for 250k nodes at w = 30."""
     _reset_peak()
     mine, mine_vecs = own
     blocks = [slice(start, start + block) for start in range(0, len(mine), block)]
