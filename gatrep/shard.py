@@ -268,7 +268,7 @@ def build_from_files(source: Source, k: int, partitions: int, scratch: str, quer
         built, homes = _build_cells(n, 2 * k if refine else k, split, scratch, exact_below, approx, n_jobs,
                                     (overlap, probe), keep_homes=refine > 0)
         if refine:
-            built = _refine(built, split["home"], homes, refine)
+            built = _refine(built, split["home"], homes, refine, k)
         return dataclasses.replace(built, neighbours=built.neighbours[:, :k], similarities=built.similarities[:, :k],
                                    counts={**built.counts, "refine": refine})
     finally:
@@ -358,19 +358,19 @@ def _build_cells(n: int, k: int, split: dict[str, Any], scratch: str, exact_belo
             {c: homes for c, (_, homes) in refs.items()})
 
 
-def _refine(built: Built, home: np.ndarray, homes: dict[int, Any], rounds: int) -> Built:
+def _refine(built: Built, home: np.ndarray, homes: dict[int, Any], rounds: int, k: int) -> Built:
     """`rounds` rounds of NN-descent's join over forward edges: each node's list becomes the best (as many as it
     holds), by exact cosine, of its neighbours and their neighbours, so that a neighbour that shared no cell with it
     is found through a neighbour they share. `homes`: each cell's home nodes (those whose nearest cell it is) and
     their vectors, left in the object store by its `_cell_task`; one `_refine_cell` task per cell refines its home
-    nodes, taking the vectors of their candidates from the cells that hold them. The driver holds object references, ids
-    and cosines."""
-    k = built.query_similarities.shape[1]
+    nodes, taking the vectors of their candidates from the cells that hold them. The driver holds object references,
+    ids and cosines. `unrefined` keeps the best k of each list before the rounds."""
     unrefined = built.neighbours[:, :k], built.similarities[:, :k]
     cells = [int(c) for c in np.unique(home)]
+    home_ref = ray.put(home)
     peak = 0
     for _ in range(rounds):
-        graph_ref, home_ref = ray.put(built.neighbours), ray.put(home)
+        graph_ref = ray.put(built.neighbours)
         pending = [_refine_cell.remote(homes[cell], graph_ref, home_ref, homes) for cell in cells]
         neighbours, similarities = built.neighbours.copy(), built.similarities.copy()
         while pending:
@@ -392,6 +392,8 @@ def _refine_cell(own: tuple[np.ndarray, np.ndarray], graph: np.ndarray, home: np
     _reset_peak()
     mine, mine_vecs = own
     blocks = [slice(start, start + block) for start in range(0, len(mine), block)]
+    # Each block's candidates are made twice, here to know which vectors to fetch and below to score them: cheap
+    # index lookups, against holding every block's at once.
     wanted = np.unique(np.concatenate([np.unique(_candidates(graph, mine[b])) for b in blocks]))
     wanted = wanted[wanted != PAD]
     if len(wanted) == 0:  # no node of the cell has a neighbour yet: nothing to refine
